@@ -1,0 +1,1 @@
+"""One module per `qmm` subcommand (see cli.py for the contract)."""

@@ -1,0 +1,361 @@
+"""Typed configuration of a Qwen-Merge experiment.
+
+One dataclass per concern; `ExperimentConfig` holds them all and checks the rules that span
+sections (heads divisible by TP, layers divisible across pipeline stages, FP8 needs TE).
+Field names follow Megatron-Core where a Megatron user would look for them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from .errors import ConfigError
+
+Part = Literal["vision", "projector", "language"]
+
+
+def _require(cond: bool, key: str, reason: str) -> None:
+    if not cond:
+        raise ConfigError(key, reason)
+
+
+def _positive(obj, prefix: str, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        _require(value > 0, f"{prefix}.{name}", f"must be > 0, got {value}")
+
+
+@dataclass
+class VisionConfig:
+    """The Qwen2.5-VL vision transformer (`visual.blocks.*`)."""
+
+    depth: int = 32
+    hidden_size: int = 1280
+    num_heads: int = 16
+    intermediate_size: int = 3420
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    in_channels: int = 3
+    window_size: int = 112  # pixels; 112 px = 8x8 patches = 4x4 merged tokens
+    fullatt_block_indexes: list[int] = field(default_factory=lambda: [7, 15, 23, 31])
+    tokens_per_second: int = 2
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+
+    def validate(self, prefix: str = "model.vision") -> None:
+        _positive(self, prefix, "depth", "hidden_size", "num_heads", "intermediate_size", "patch_size",
+                  "temporal_patch_size", "spatial_merge_size", "in_channels", "window_size")
+        _require(self.hidden_size % self.num_heads == 0, f"{prefix}.num_heads",
+                 f"{self.num_heads} does not divide hidden_size {self.hidden_size}")
+        _require((self.hidden_size // self.num_heads) % 4 == 0, f"{prefix}.num_heads",
+                 "head_dim must be a multiple of 4 for the 2D rotary embedding")
+        unit = self.patch_size * self.spatial_merge_size
+        _require(self.window_size % unit == 0, f"{prefix}.window_size",
+                 f"{self.window_size} is not a multiple of patch_size*spatial_merge_size = {unit}")
+        for i in self.fullatt_block_indexes:
+            _require(0 <= i < self.depth, f"{prefix}.fullatt_block_indexes",
+                     f"block {i} is outside 0..{self.depth - 1}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclass
+class ProjectorConfig:
+    """`visual.merger` of Qwen2.5-VL plus the new `mlp.4` into the LLM width."""
+
+    merger_out_size: int = 8192  # Qwen2.5-VL `out_hidden_size`: output of mlp.2
+    # The new mlp.4 (merger_out_size -> LLM hidden). False for a plain Qwen2.5-VL, whose merger
+    # already ends in its LLM's width.
+    extra_layer: bool = True
+    init_std: float = 0.02  # N(0, init_std) for the new mlp.4 weight; its bias starts at 0
+
+    def validate(self, prefix: str = "model.projector") -> None:
+        _positive(self, prefix, "merger_out_size", "init_std")
+
+
+@dataclass
+class LanguageConfig:
+    """The Qwen3 decoder."""
+
+    num_layers: int = 36
+    hidden_size: int = 2560
+    num_attention_heads: int = 32
+    num_query_groups: int = 8
+    head_dim: int = 128
+    ffn_hidden_size: int = 9728
+    vocab_size: int = 151936
+    make_vocab_size_divisible_by: int = 128
+    tie_word_embeddings: bool = True
+    qk_layernorm: bool = True  # Qwen3: RMSNorm on q and k per head
+    add_qkv_bias: bool = False  # Qwen2.5 (the LLM inside a plain Qwen2.5-VL) has q/k/v biases
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    mrope_section: list[int] = field(default_factory=lambda: [16, 24, 24])
+    max_position_embeddings: int = 40960
+
+    def validate(self, prefix: str = "model.language") -> None:
+        _positive(self, prefix, "num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
+                  "head_dim", "ffn_hidden_size", "vocab_size", "make_vocab_size_divisible_by")
+        _require(self.num_attention_heads % self.num_query_groups == 0, f"{prefix}.num_query_groups",
+                 f"{self.num_query_groups} does not divide num_attention_heads {self.num_attention_heads}")
+        _require(len(self.mrope_section) == 3, f"{prefix}.mrope_section", "needs 3 entries (t, h, w)")
+        _require(sum(self.mrope_section) * 2 == self.head_dim, f"{prefix}.mrope_section",
+                 f"sections {self.mrope_section} must sum to head_dim/2 = {self.head_dim // 2}")
+
+    def padded_vocab_size(self, tensor_parallel_size: int = 1) -> int:
+        unit = self.make_vocab_size_divisible_by * tensor_parallel_size
+        return -(-self.vocab_size // unit) * unit
+
+
+@dataclass
+class ModelConfig:
+    """The whole Qwen-Merge model. `preset` names the shapes it started from (see presets.py)."""
+
+    preset: Optional[str] = None
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    language: LanguageConfig = field(default_factory=LanguageConfig)
+    image_token_id: int = 151655
+    video_token_id: int = 151656
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+    # Layer implementation: `te` (Transformer Engine, FP8-capable), `local` (Megatron-Core
+    # parallel linears + torch SDPA, runs on CPU), `auto` (te where it imports).
+    backend: Literal["auto", "te", "local"] = "auto"
+
+    def validate(self, prefix: str = "model") -> None:
+        self.vision.validate(f"{prefix}.vision")
+        self.projector.validate(f"{prefix}.projector")
+        self.language.validate(f"{prefix}.language")
+        if not self.projector.extra_layer:
+            _require(self.projector.merger_out_size == self.language.hidden_size,
+                     f"{prefix}.projector.merger_out_size", "without extra_layer the merger must end in "
+                     f"the LLM width {self.language.hidden_size}, got {self.projector.merger_out_size}")
+        for name in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+            value = getattr(self, name)
+            _require(0 <= value < self.language.vocab_size, f"{prefix}.{name}",
+                     f"{value} is outside the vocabulary (size {self.language.vocab_size})")
+
+
+@dataclass
+class ParallelConfig:
+    """Model and data parallel layout. The data-parallel size follows from the world size."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    context_parallel_size: int = 1
+    sequence_parallel: bool = False
+    # Decoder layers on the first pipeline stage, which also holds the ViT and projector.
+    # None spreads the layers evenly.
+    first_stage_layers: Optional[int] = None
+
+    def validate(self, prefix: str = "parallel") -> None:
+        _positive(self, prefix, "tensor_model_parallel_size", "pipeline_model_parallel_size",
+                  "context_parallel_size")
+        vpp = self.virtual_pipeline_model_parallel_size
+        if vpp is not None:
+            _require(vpp >= 1, f"{prefix}.virtual_pipeline_model_parallel_size", f"must be >= 1, got {vpp}")
+            _require(self.pipeline_model_parallel_size > 1 or vpp == 1,
+                     f"{prefix}.virtual_pipeline_model_parallel_size",
+                     "virtual pipeline stages need pipeline_model_parallel_size > 1")
+        if self.sequence_parallel:
+            _require(self.tensor_model_parallel_size > 1, f"{prefix}.sequence_parallel",
+                     "needs tensor_model_parallel_size > 1")
+        if self.first_stage_layers is not None:
+            _require(self.pipeline_model_parallel_size > 1, f"{prefix}.first_stage_layers",
+                     "only meaningful with pipeline_model_parallel_size > 1")
+            _require(self.first_stage_layers >= 0, f"{prefix}.first_stage_layers", "must be >= 0")
+            _require(vpp in (None, 1), f"{prefix}.first_stage_layers",
+                     "an uneven first stage cannot be combined with virtual pipeline stages")
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.tensor_model_parallel_size * self.pipeline_model_parallel_size * self.context_parallel_size
+
+    def stage_layer_counts(self, num_layers: int) -> list[int]:
+        """Decoder layers per pipeline stage (first stage may hold `first_stage_layers`)."""
+        pp = self.pipeline_model_parallel_size
+        if self.first_stage_layers is None:
+            return [num_layers // pp] * pp
+        rest = num_layers - self.first_stage_layers
+        return [self.first_stage_layers] + [rest // (pp - 1)] * (pp - 1)
+
+
+@dataclass
+class PrecisionConfig:
+    """bf16 everywhere; FP8 (Transformer Engine) optional on the decoder."""
+
+    params_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    fp8: Optional[Literal["hybrid", "e4m3"]] = None  # FP8 format; None = no FP8
+    fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = "delayed"
+    fp8_amax_history_len: int = 1024
+    fp8_amax_compute_algo: Literal["max", "most_recent"] = "max"
+    fp8_margin: int = 0
+    fp8_vision: bool = False  # the ViT stays in bf16 unless asked (its MLP width 3420 is not FP8-aligned)
+    num_layers_at_start_in_bf16: int = 1
+    num_layers_at_end_in_bf16: int = 1
+
+    def validate(self, prefix: str = "precision") -> None:
+        _positive(self, prefix, "fp8_amax_history_len")
+        for name in ("fp8_margin", "num_layers_at_start_in_bf16", "num_layers_at_end_in_bf16"):
+            _require(getattr(self, name) >= 0, f"{prefix}.{name}", "must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    """Optimizer, LR schedule, batch sizes, freezing and the step's engine."""
+
+    stage: str = "stage3"
+    lr: float = 5e-5
+    min_lr: float = 0.0
+    lr_warmup_fraction: float = 0.05
+    lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    global_batch_size: int = 128
+    micro_batch_size: int = 1
+    epochs: Optional[float] = None  # one of epochs / train_iters sets the length
+    train_iters: Optional[int] = None
+    seed: int = 1234
+    freeze: list[Part] = field(default_factory=lambda: ["vision"])
+    recompute_granularity: Optional[Literal["selective", "full"]] = None
+    recompute_method: Optional[Literal["uniform", "block"]] = None
+    recompute_num_layers: Optional[int] = None
+    max_nan_steps: int = 10  # abort after this many skipped non-finite steps
+    engine: Literal["auto", "gpu", "cpu"] = "auto"
+
+    def validate(self, prefix: str = "train") -> None:
+        _positive(self, prefix, "lr", "global_batch_size", "micro_batch_size")
+        _require(0 <= self.min_lr <= self.lr, f"{prefix}.min_lr", f"must lie in [0, lr={self.lr}]")
+        _require(0 <= self.lr_warmup_fraction < 1, f"{prefix}.lr_warmup_fraction", "must lie in [0, 1)")
+        _require(self.clip_grad >= 0, f"{prefix}.clip_grad", "must be >= 0 (0 disables clipping)")
+        _require(self.epochs is not None or self.train_iters is not None, f"{prefix}.train_iters",
+                 "set train_iters or epochs")
+        if self.epochs is not None:
+            _require(self.epochs > 0, f"{prefix}.epochs", "must be > 0")
+        if self.train_iters is not None:
+            _require(self.train_iters > 0, f"{prefix}.train_iters", "must be > 0")
+        _require(len(set(self.freeze)) == len(self.freeze), f"{prefix}.freeze", "lists a part twice")
+        _require(len(self.freeze) < 3, f"{prefix}.freeze", "freezes every part: nothing would train")
+        if self.recompute_method is not None or self.recompute_num_layers is not None:
+            _require(self.recompute_granularity == "full", f"{prefix}.recompute_method",
+                     "recompute_method/num_layers apply to recompute_granularity=full only")
+
+
+@dataclass
+class DatasetConfig:
+    """One source in the weighted mix."""
+
+    path: str = ""
+    format: Literal["auto", "messages", "sharegpt", "llamafactory"] = "auto"
+    weight: float = 1.0
+    epochs: float = 1.0
+    data_root: Optional[str] = None  # image paths are relative to this (default: the file's folder)
+    name: Optional[str] = None
+
+    def validate(self, prefix: str) -> None:
+        _require(bool(self.path), f"{prefix}.path", "is required")
+        _positive(self, prefix, "weight", "epochs")
+
+
+@dataclass
+class DataConfig:
+    datasets: list[DatasetConfig] = field(default_factory=list)
+    template: Literal["pretrain", "qwen3"] = "qwen3"
+    tokenizer: Optional[str] = None  # folder with the tokenizer; default: the model checkpoint's
+    seq_length: int = 8096
+    pad_to_multiple_of: int = 16  # FP8 needs token counts divisible by 16
+    min_pixels: int = 3136
+    max_pixels: int = 262144
+    video_fps: float = 2.0
+    video_max_frames: int = 64
+    video_max_pixels: int = 50176
+    max_bad_fraction: float = 0.01  # stop when more than this fraction of samples is unusable
+    num_workers: int = 2
+    shuffle: bool = True
+
+    def validate(self, prefix: str = "data") -> None:
+        for i, ds in enumerate(self.datasets):
+            ds.validate(f"{prefix}.datasets[{i}]")
+        _positive(self, prefix, "seq_length", "pad_to_multiple_of", "min_pixels", "max_pixels", "video_fps",
+                  "video_max_frames", "video_max_pixels")
+        _require(self.min_pixels <= self.max_pixels, f"{prefix}.min_pixels", "exceeds max_pixels")
+        _require(0 <= self.max_bad_fraction <= 1, f"{prefix}.max_bad_fraction", "must lie in [0, 1]")
+        _require(self.num_workers >= 0, f"{prefix}.num_workers", "must be >= 0")
+
+
+@dataclass
+class CheckpointConfig:
+    pretrained: Optional[str] = None  # weights-only start (previous stage or converted checkpoint)
+    save: Optional[str] = None  # run folder: iter_NNNNNNN/ checkpoints and `latest`
+    save_interval: int = 1000
+    keep_last: int = 3
+    async_save: bool = False  # GPU only
+
+    def validate(self, prefix: str = "checkpoint") -> None:
+        _positive(self, prefix, "save_interval", "keep_last")
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 1
+    tensorboard_dir: Optional[str] = None
+    wandb_project: Optional[str] = None
+    wandb_run_name: Optional[str] = None
+    progress_bar: Optional[bool] = None  # None: on when stdout is a terminal
+    summary_json: Optional[str] = None
+
+    def validate(self, prefix: str = "logging") -> None:
+        _positive(self, prefix, "log_interval")
+
+
+@dataclass
+class ExperimentConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def validate(self) -> None:
+        for section in ("model", "parallel", "precision", "train", "data", "checkpoint", "logging"):
+            getattr(self, section).validate()
+        validate_layout(self.model, self.parallel)
+        if self.precision.fp8 is not None:
+            _require(self.model.backend != "local", "precision.fp8",
+                     "FP8 needs the Transformer Engine backend, but model.backend is 'local'")
+
+
+def validate_layout(model: ModelConfig, parallel: ParallelConfig) -> None:
+    """The parallel layout must split the model's heads, groups and layers evenly."""
+    tp = parallel.tensor_model_parallel_size
+    lang, vis = model.language, model.vision
+    key = "parallel.tensor_model_parallel_size"
+    _require(lang.num_attention_heads % tp == 0, key,
+             f"{tp} does not divide model.language.num_attention_heads={lang.num_attention_heads}")
+    _require(lang.num_query_groups % tp == 0, key,
+             f"{tp} does not divide model.language.num_query_groups={lang.num_query_groups} (KV heads)")
+    _require(vis.num_heads % tp == 0, key, f"{tp} does not divide model.vision.num_heads={vis.num_heads}")
+    pp = parallel.pipeline_model_parallel_size
+    vpp = parallel.virtual_pipeline_model_parallel_size or 1
+    layers = lang.num_layers
+    if parallel.first_stage_layers is not None:
+        first = parallel.first_stage_layers
+        _require(first <= layers, "parallel.first_stage_layers",
+                 f"{first} exceeds model.language.num_layers={layers}")
+        rest = layers - first
+        _require(rest % (pp - 1) == 0, "parallel.first_stage_layers",
+                 f"the remaining {rest} decoder layers do not divide across the other {pp - 1} stages")
+    else:
+        _require(layers % (pp * vpp) == 0, "parallel.pipeline_model_parallel_size",
+                 f"model.language.num_layers={layers} does not divide into {pp} stages x {vpp} virtual chunks")
