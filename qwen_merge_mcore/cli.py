@@ -1,22 +1,21 @@
 """`qmm`: the one command-line front for the project.
 
-Each subcommand lives in `qwen_merge_mcore.commands.<module>` and defines NAME, HELP, EXAMPLES,
-`add_arguments(parser)` and `run(args) -> int`. Heavy imports (torch, Megatron) happen inside
-`run`, so `qmm --help` stays fast.
+Each subcommand is a module in `qwen_merge_mcore.commands` (found automatically) that defines
+NAME, HELP, EXAMPLES, `add_arguments(parser)` and `run(args) -> int`. Heavy imports (torch,
+Megatron) happen inside `run`, so `qmm --help` stays fast.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import pkgutil
 import sys
 
+from . import commands
 from .config import ConfigError
 
-COMMAND_MODULES = [
-    "make_tiny",
-    "config_cmd",
-]
+COMMAND_MODULES = sorted(m.name for m in pkgutil.iter_modules(commands.__path__))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,1 @@
+"""Megatron-Core modules of Qwen-Merge: layer specs, ViT, projector, Qwen3 decoder, composition."""
