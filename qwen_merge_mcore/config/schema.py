@@ -312,9 +312,14 @@ class LoggingConfig:
     wandb_run_name: Optional[str] = None
     progress_bar: Optional[bool] = None  # None: on when stdout is a terminal
     summary_json: Optional[str] = None
+    # Peak dense TFLOP/s of one accelerator, for MFU; None: known GPUs by name (H100 989 bf16,
+    # doubled under FP8), no MFU on CPU.
+    peak_tflops: Optional[float] = None
 
     def validate(self, prefix: str = "logging") -> None:
         _positive(self, prefix, "log_interval")
+        if self.peak_tflops is not None:
+            _positive(self, prefix, "peak_tflops")
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""Checkpoint formats: the HF <-> Megatron mapping and Megatron-Core distributed checkpoints."""

@@ -1,0 +1,215 @@
+"""torch_dist checkpoints of a training run: model, optimizer, LR scheduler, RNG, data sampler.
+
+Layout of a run folder (Megatron-LM's):
+
+    <save>/iter_0000100/                       one Megatron-Core distributed checkpoint
+    <save>/latest_checkpointed_iteration.txt   the iteration to resume from
+
+A save writes into `<save>/.tmp_iter_0000100/`, renames it to `iter_0000100/` once every rank
+has finished, then replaces the `latest` file atomically: a save killed at any point leaves the
+previous checkpoint as the latest. Only the newest `keep_last` iterations are kept.
+
+A *resume* (same run, `<save>` has a latest checkpoint) restores everything; a *weights-only*
+start (`checkpoint.pretrained`: the previous stage's run or a converted checkpoint) loads only
+the model. RNG and sampler state are stored per rank and restored only when the parallel
+layout is unchanged (a torch_dist model and optimizer reload at any layout).
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+from ..checkpoint.cpu_compat import save_dist_checkpoint
+from ..utils.atomic import atomic_write_text
+
+LATEST = "latest_checkpointed_iteration.txt"
+
+
+@dataclass
+class TrainState:
+    iteration: int = 0  # optimizer steps taken (skipped ones included)
+    consumed_batches: int = 0  # global batches drawn from the data
+    nan_steps: int = 0  # steps skipped for a non-finite loss or gradient norm
+
+
+def iter_dir(root: str | Path, iteration: int) -> Path:
+    return Path(root) / f"iter_{iteration:07d}"
+
+
+def latest_iteration(root: str | Path) -> Optional[int]:
+    """The iteration named by `latest_checkpointed_iteration.txt`, or None if there is none."""
+    marker = Path(root) / LATEST
+    if not marker.is_file():
+        return None
+    text = marker.read_text().strip()
+    if not text.isdigit():
+        raise ValueError(f"{marker} holds {text!r}, not an iteration number")
+    if not iter_dir(root, int(text)).is_dir():
+        raise FileNotFoundError(f"{marker} names iteration {text}, but {iter_dir(root, int(text))} is missing")
+    return int(text)
+
+
+def resolve_checkpoint_dir(path: str | Path) -> Path:
+    """A torch_dist folder itself, or a run folder (its latest iteration)."""
+    path = Path(path)
+    if (path / "metadata.json").is_file():
+        return path
+    it = latest_iteration(path)
+    if it is None:
+        raise FileNotFoundError(f"{path} is neither a torch_dist checkpoint (no metadata.json) nor a run folder "
+                                f"with {LATEST}")
+    return iter_dir(path, it)
+
+
+def _layout() -> dict[str, int]:
+    return {"tp": parallel_state.get_tensor_model_parallel_world_size(),
+            "pp": parallel_state.get_pipeline_model_parallel_world_size(),
+            "dp": parallel_state.get_data_parallel_world_size(),
+            "vpp": parallel_state.get_virtual_pipeline_model_parallel_world_size() or 1}
+
+
+def _model_state(models: list[torch.nn.Module]) -> dict:
+    if len(models) == 1:
+        return {"model": models[0].sharded_state_dict()}
+    return {f"model{i}": m.sharded_state_dict() for i, m in enumerate(models)}
+
+
+def _rng_state() -> dict:
+    state = {"random": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _per_rank(key: str, data) -> ShardedObject:
+    pp, tp, dp = (parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank(),
+                  parallel_state.get_data_parallel_rank())
+    lay = _layout()
+    return ShardedObject(key, data, (lay["pp"], lay["tp"], lay["dp"]), (pp, tp, dp), replica_id=0)
+
+
+def _sharded_state(engine, data_state: Optional[dict], is_loading: bool, with_rank_state: bool = True) -> dict:
+    state = _model_state(engine.unwrapped())
+    model_flat = {}
+    for v in state.values():
+        model_flat.update(v)
+    state["optimizer"] = engine.optimizer_sharded_state_dict(model_flat, is_loading=is_loading)
+    if with_rank_state:
+        state["rng"] = _per_rank("rng_state", _rng_state())
+        state["data"] = _per_rank("data_state", data_state)
+    return state
+
+
+class Checkpointer:
+    def __init__(self, save: Optional[str], keep_last: int, async_save: bool = False):
+        self.root = Path(save) if save else None
+        self.keep_last = keep_last
+        self.async_queue = None
+        if async_save and torch.cuda.is_available():
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+            self.async_queue = AsyncCallsQueue()
+
+    # --- saving -------------------------------------------------------------------------
+    def save(self, iteration: int, engine, scheduler, data_state: dict, train_state: TrainState,
+             extra: Optional[dict] = None) -> Optional[Path]:
+        if self.root is None:
+            return None
+        final, tmp = iter_dir(self.root, iteration), self.root / f".tmp_iter_{iteration:07d}"
+        if final.exists():  # this iteration is already saved (a signal right after an interval save)
+            return final
+        self.wait()  # one save in flight at a time
+        if dist.get_rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        state = _sharded_state(engine, data_state, is_loading=False)
+        state.update(scheduler=scheduler.state_dict(), train_state=asdict(train_state), layout=_layout(),
+                     **(extra or {}))
+        request = save_dist_checkpoint(state, str(tmp), async_sharded_save=self.async_queue is not None)
+        finalize = lambda: self._publish(tmp, final, iteration)  # noqa: E731
+        if self.async_queue is not None:
+            request.add_finalize_fn(finalize)
+            self.async_queue.schedule_async_request(request)
+        else:
+            dist.barrier()
+            finalize()
+            dist.barrier()
+        return final
+
+    def _publish(self, tmp: Path, final: Path, iteration: int) -> None:
+        """Rank 0, after every rank wrote its shards: rename, point `latest` at it, prune."""
+        if dist.get_rank() != 0:
+            return
+        tmp.rename(final)
+        atomic_write_text(self.root / LATEST, f"{iteration}\n")
+        done = sorted(p for p in self.root.glob("iter_*") if p.is_dir() and p.name[5:].isdigit())
+        for old in done[: max(len(done) - self.keep_last, 0)]:
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in self.root.glob(".tmp_iter_*"):  # left by a save that was killed
+            if stale != tmp:
+                shutil.rmtree(stale, ignore_errors=True)
+
+    def poll(self) -> None:
+        if self.async_queue is not None:
+            self.async_queue.maybe_finalize_async_calls(blocking=False)
+
+    def wait(self) -> None:
+        if self.async_queue is not None:
+            self.async_queue.maybe_finalize_async_calls(blocking=True)
+
+    # --- loading ------------------------------------------------------------------------
+    def resume(self, engine, scheduler, data_iter) -> Optional[TrainState]:
+        """Restore the full state from this run's latest checkpoint; None when there is none."""
+        if self.root is None:
+            return None
+        iteration = latest_iteration(self.root)
+        if iteration is None:
+            return None
+        ckpt = iter_dir(self.root, iteration)
+        common = dist_checkpointing.load_common_state_dict(str(ckpt))
+        same_layout = common["layout"] == _layout()
+        template = _sharded_state(engine, None, is_loading=True, with_rank_state=same_layout)
+        loaded = dist_checkpointing.load(template, str(ckpt))
+        for i, model in enumerate(engine.unwrapped()):
+            model.load_state_dict(loaded["model" if len(engine.unwrapped()) == 1 else f"model{i}"])
+        engine.load_optimizer_state_dict(loaded["optimizer"])
+        scheduler.load_state_dict(common["scheduler"])
+        if same_layout:
+            _set_rng_state(loaded["rng"])
+            data_iter.load_state_dict(loaded["data"])
+        elif dist.get_rank() == 0:
+            print(f"[checkpoint] layout changed {common['layout']} -> {_layout()}: model and optimizer resharded, "
+                  "RNG and data order start afresh", flush=True)
+        return TrainState(**common["train_state"])
+
+
+def load_weights(path: str | Path, models: list[torch.nn.Module]) -> Path:
+    """Weights-only start from a converted checkpoint or a previous stage's run (any layout)."""
+    ckpt = resolve_checkpoint_dir(path)
+    # Checkpoint keys are the ShardedTensor keys; the nesting of the template does not matter.
+    template = _model_state(models)
+    loaded = dist_checkpointing.load(template, str(ckpt))
+    for name, model in zip(template, models):
+        model.load_state_dict(loaded[name])
+    return ckpt

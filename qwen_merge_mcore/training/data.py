@@ -1,0 +1,61 @@
+"""The seam to the data pipeline: an endless iterator of micro-batches (`Batch`) for this
+data-parallel rank, with `state_dict()` / `load_state_dict()` for the sampler position."""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator, Protocol
+
+from ..batch import Batch
+from ..config import ExperimentConfig
+
+
+class DataSource(Protocol):
+    def __iter__(self) -> Iterator[Batch]: ...
+
+    def __next__(self) -> Batch: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def build_data(cfg: ExperimentConfig, dp_rank: int, dp_size: int) -> DataSource:
+    from ..data import build_train_data  # the data pipeline (issue #5)
+
+    return build_train_data(cfg, dp_rank=dp_rank, dp_size=dp_size)
+
+
+def num_microbatches(cfg: ExperimentConfig, dp_size: int) -> int:
+    t = cfg.train
+    per_step = t.micro_batch_size * dp_size
+    if t.global_batch_size % per_step:
+        raise ValueError(f"train.global_batch_size={t.global_batch_size} is not a multiple of micro_batch_size x "
+                         f"data-parallel size = {t.micro_batch_size} x {dp_size}")
+    return t.global_batch_size // per_step
+
+
+def train_iters(cfg: ExperimentConfig, data: DataSource, microbatches: int) -> int:
+    """`train.train_iters`, or `train.epochs` over the data's micro-batches per epoch (len())."""
+    if cfg.train.train_iters is not None:
+        return cfg.train.train_iters
+    try:
+        per_epoch = len(data)  # type: ignore[arg-type]
+    except TypeError:
+        raise ValueError("train.epochs needs a data source that knows its length; set train.train_iters") from None
+    return max(1, math.ceil(cfg.train.epochs * per_epoch / microbatches))
+
+
+class Recorder:
+    """Passes micro-batches through and keeps them, so the step's FLOPs and tokens can be counted."""
+
+    def __init__(self, source: Iterator[Batch]):
+        self.source, self.batches = source, []
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Batch:
+        batch = next(self.source)
+        self.batches.append(batch)
+        return batch

@@ -1,0 +1,96 @@
+"""The training loop, the same on GPU and CPU; the engine (engine.py) does the step itself."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from ..config import ExperimentConfig
+from . import checkpointing, data as data_mod
+from .checkpointing import Checkpointer, TrainState
+from .engine import build_engine
+from .flops import step_flops
+from .model_provider import ModelBuilder, build_chunks, check_freeze, format_report, parameter_report
+from .observability import StepLogger, Summary
+from .optim import build_scheduler
+from .signals import ExitSignals
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def run_training(cfg: ExperimentConfig, builder: Optional[ModelBuilder] = None,
+                 make_data: Optional[Callable] = None) -> Summary:
+    """Train one stage on an initialised process group (see `qwen_merge_mcore.distributed`)."""
+    dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    microbatches = data_mod.num_microbatches(cfg, dp)
+    ckpt = Checkpointer(cfg.checkpoint.save, cfg.checkpoint.keep_last, cfg.checkpoint.async_save)
+    resuming = cfg.checkpoint.save is not None and checkpointing.latest_iteration(cfg.checkpoint.save) is not None
+
+    chunks = build_chunks(cfg, builder)
+    report = parameter_report(chunks)
+    check_freeze(report, list(cfg.train.freeze))
+    if cfg.checkpoint.pretrained and not resuming:  # before the engine copies params (fp32 main params)
+        source = checkpointing.load_weights(cfg.checkpoint.pretrained, chunks)
+    engine = build_engine(cfg, chunks)
+    data = (make_data or data_mod.build_data)(cfg, dp_rank, dp)
+    total = data_mod.train_iters(cfg, data, microbatches)
+    scheduler = build_scheduler(engine.optimizer, cfg.train, total)
+    state = ckpt.resume(engine, scheduler, data) if resuming else None
+    log = StepLogger(cfg, rank, world, state.iteration if state else 0, total)
+    log.info(f"[{cfg.train.stage}] world {world} (TP {cfg.parallel.tensor_model_parallel_size}, PP "
+             f"{cfg.parallel.pipeline_model_parallel_size}, DP {dp}), engine {type(engine).__name__}, "
+             f"{microbatches} micro-batches/step, {total} steps; frozen: {', '.join(cfg.train.freeze) or 'none'}\n"
+             + format_report(report))
+    if state:
+        log.info(f"[{cfg.train.stage}] resumed from {cfg.checkpoint.save} at iteration {state.iteration}")
+    elif cfg.checkpoint.pretrained:
+        log.info(f"[{cfg.train.stage}] weights loaded from {source}")
+    state = state or TrainState()
+
+    signals, interrupted, saved = ExitSignals(), False, None
+    try:
+        while state.iteration < total:
+            # ---- one step -----------------------------------------------------------------
+            start, lr = time.perf_counter(), engine.optimizer.param_groups[0]["lr"]
+            batches = data_mod.Recorder(data)
+            result = engine.train_step(batches, microbatches)
+            state.iteration += 1
+            state.consumed_batches += 1
+            if result.skipped:
+                state.nan_steps += 1
+                if state.nan_steps > cfg.train.max_nan_steps:
+                    raise NonFiniteLossError(f"{state.nan_steps} steps had a non-finite loss or gradient norm "
+                                             f"(limit train.max_nan_steps={cfg.train.max_nan_steps}); last at "
+                                             f"iteration {state.iteration}: loss {result.loss}, "
+                                             f"grad norm {result.grad_norm}")
+            else:
+                scheduler.step(1)
+            work = torch.tensor([sum(b.tokens.numel() for b in batches.batches),
+                                 step_flops(cfg.model, batches.batches, list(cfg.train.freeze))], dtype=torch.float64, device=_device())
+            dist.all_reduce(work, group=parallel_state.get_data_parallel_group())
+            log.step(state.iteration, result, lr, time.perf_counter() - start,
+                     float(work[0]), float(work[1]))
+            # ---- checkpoints and signals ----------------------------------------------------
+            ckpt.poll()
+            interrupted = signals.any_rank_received()
+            if interrupted or state.iteration % cfg.checkpoint.save_interval == 0 or state.iteration == total:
+                saved = ckpt.save(state.iteration, engine, scheduler, data.state_dict(), state) or saved
+            if interrupted:
+                log.info(f"[{cfg.train.stage}] stopping on signal at iteration {state.iteration}; "
+                         f"checkpoint {saved}")
+                break
+        ckpt.wait()
+    finally:
+        signals.restore()
+    return log.finish(state.nan_steps, interrupted, str(saved) if saved else None)
