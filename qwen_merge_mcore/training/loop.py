@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import random
 import time
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
@@ -28,6 +30,19 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+def seed_everything(seed: int) -> None:
+    """Megatron's rule: one seed per pipeline stage (CPU-initialised weights are split across TP
+    after being drawn whole, so TP ranks share it)."""
+    from megatron.core import tensor_parallel
+
+    seed += 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
 def run_training(cfg: ExperimentConfig, builder: Optional[ModelBuilder] = None,
                  make_data: Optional[Callable] = None) -> Summary:
     """Train one stage on an initialised process group (see `qwen_merge_mcore.distributed`)."""
@@ -37,6 +52,7 @@ def run_training(cfg: ExperimentConfig, builder: Optional[ModelBuilder] = None,
     ckpt = Checkpointer(cfg.checkpoint.save, cfg.checkpoint.keep_last, cfg.checkpoint.async_save)
     resuming = cfg.checkpoint.save is not None and checkpointing.latest_iteration(cfg.checkpoint.save) is not None
 
+    seed_everything(cfg.train.seed)
     chunks = build_chunks(cfg, builder)
     report = parameter_report(chunks)
     check_freeze(report, list(cfg.train.freeze))

@@ -7,7 +7,11 @@ of DP rank r depends only on (seed, r, i): the sampler state is the next index.
 
 from __future__ import annotations
 
+import os
+import signal
+
 import torch
+import torch.distributed as dist
 
 from qwen_merge_mcore.batch import Batch, VisionInput
 
@@ -18,7 +22,7 @@ ALPHABET = 40
 
 class ToyData:
     def __init__(self, cfg, dp_rank: int, dp_size: int, seq_length: int = 32, image_tokens: int = 4,
-                 epoch_batches: int | None = None):
+                 epoch_batches: int | None = None, signal_after: int | None = None):
         self.vocab = cfg.model.language.vocab_size
         self.image_token = cfg.model.image_token_id
         self.seed, self.rank = cfg.train.seed, dp_rank
@@ -26,6 +30,7 @@ class ToyData:
         self.seq, self.image_tokens = seq_length, image_tokens
         self.index = 0
         self.epoch_batches = epoch_batches
+        self.signal_after = signal_after  # micro-batches; then SIGUSR1 to this process (global rank 1 only)
 
     def __len__(self) -> int:
         if self.epoch_batches is None:
@@ -38,6 +43,8 @@ class ToyData:
     def __next__(self) -> Batch:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.rank * 10_007 + self.index)
         self.index += 1
+        if self.index == self.signal_after and dist.get_rank() == 1:
+            os.kill(os.getpid(), signal.SIGUSR1)
         b, s, n = self.mb, self.seq, self.image_tokens
         tokens = torch.randint(20, 20 + ALPHABET, (b, s + 1), generator=g)
         half = s // 2

@@ -1,0 +1,135 @@
+"""Per-rank bodies of the CPU training tests (module-level so spawned ranks can import them).
+Each runs several cases in one process group, to keep the suite within its time budget."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from qwen_merge_mcore.training import checkpointing
+from qwen_merge_mcore.training.checkpointing import latest_iteration
+from qwen_merge_mcore.training.loop import NonFiniteLossError, run_training
+
+from .helpers import TOY_BUILDER, toy_config
+from .toy_data import ToyData
+
+
+def _data(cfg, rank, size, **kw):
+    return ToyData(cfg, rank, size, **kw)
+
+
+def _names(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.glob("*iter_*"))
+
+
+def resume_and_checkpoint_cases(root: str, tp: int) -> dict:
+    """Uninterrupted run vs. a run stopped by SIGUSR1 and resumed; keep_last; a save that dies
+    never becomes the latest."""
+    root = Path(root)
+    ckpt = {"save_interval": 3, "keep_last": 2}
+    full = run_training(toy_config(tp=tp, checkpoint={"save": str(root / "full"), **ckpt},
+                                   train={"train_iters": 7}), TOY_BUILDER, _data)
+    kept = _names(root / "full")
+    part = toy_config(tp=tp, checkpoint={"save": str(root / "part"), **ckpt}, train={"train_iters": 7})
+    micro = part.train.global_batch_size // part.train.micro_batch_size // dist.get_world_size() * tp
+    stopped = run_training(part, TOY_BUILDER, partial(_data, signal_after=4 * micro))
+    resumed = run_training(part, TOY_BUILDER, _data)
+
+    real = checkpointing.save_dist_checkpoint
+
+    def dying_save(state, directory, **kw):  # the process "dies" half way through writing
+        Path(directory, f"__{dist.get_rank()}_0.distcp").write_bytes(b"partial")
+        raise RuntimeError("killed mid-save")
+
+    checkpointing.save_dist_checkpoint = dying_save
+    failed = None
+    try:
+        run_training(toy_config(tp=tp, checkpoint={"save": str(root / "part"), "save_interval": 1},
+                                train={"train_iters": 9}), TOY_BUILDER, _data)
+    except RuntimeError as err:
+        failed = str(err)
+    finally:
+        checkpointing.save_dist_checkpoint = real
+    dist.barrier()
+    after_failure = (latest_iteration(root / "part"), _names(root / "part"))
+    return {"full": full.losses, "stopped": stopped.losses, "interrupted": stopped.interrupted,
+            "resumed": resumed.losses, "resumed_from": resumed.first_iteration, "kept": kept,
+            "failed": failed, "after_failure": after_failure}
+
+
+def freeze_cases(root: str) -> dict:
+    """Stage-1 freezing (vision + language frozen): only the projector changes; then a stage-3
+    style run from that checkpoint (weights only) trains projector and language."""
+    out = {}
+    captured = {}
+
+    def builder_capture(cfg, **kw):
+        model = TOY_BUILDER.build(cfg, **kw)
+        captured["before"] = {k: v.detach().clone() for k, v in model.state_dict().items()
+                              if isinstance(v, torch.Tensor)}
+        captured["model"] = model
+        return model
+
+    from qwen_merge_mcore.training.model_provider import ModelBuilder
+
+    spy = ModelBuilder(builder_capture, TOY_BUILDER.freeze)
+    tp = dist.get_world_size()
+    stage1 = toy_config(tp=tp, checkpoint={"save": f"{root}/s1", "save_interval": 100},
+                        train={"train_iters": 3, "freeze": ["vision", "language"]})
+    run_training(stage1, spy, _data)
+    out["stage1"] = _changes(captured)
+    stage3 = toy_config(tp=tp, checkpoint={"save": f"{root}/s3", "pretrained": f"{root}/s1", "save_interval": 100},
+                        train={"train_iters": 3, "freeze": ["vision"]})
+    s1_final = {k: v.clone() for k, v in captured["model"].state_dict().items() if isinstance(v, torch.Tensor)}
+    run_training(stage3, spy, _data)
+    out["stage3"] = _changes(captured)
+    # The stage-3 model started from stage 1's weights, not its own initialisation.
+    out["loaded_pretrained"] = all(torch.equal(captured["before"][k], s1_final[k]) for k in s1_final) is False
+    return out
+
+
+def _changes(captured) -> dict[str, bool]:
+    after = captured["model"].state_dict()
+    parts = {}
+    for k, before in captured["before"].items():
+        part = k.split(".")[0]
+        parts[part] = parts.get(part, False) or not torch.equal(before, after[k])
+    return parts
+
+
+def nan_cases(root: str) -> dict:
+    """Non-finite losses skip the step (weights untouched) and abort past train.max_nan_steps."""
+    out = {}
+    cfg = toy_config(tp=dist.get_world_size(), train={"train_iters": 4, "max_nan_steps": 2})
+    poison = {"steps": {2, 3}, "calls": 0, "per_step": cfg.train.global_batch_size}
+
+    def build(c, **kw):
+        model = TOY_BUILDER.build(c, **kw)
+
+        def hook(module, args, output):
+            step = poison["calls"] // poison["per_step"] + 1
+            poison["calls"] += 1
+            return output * float("nan") if step in poison["steps"] else output
+
+        model.register_forward_hook(hook)
+        return model
+
+    from qwen_merge_mcore.training.model_provider import ModelBuilder
+
+    summary = run_training(cfg, ModelBuilder(build, TOY_BUILDER.freeze), _data)
+    out["nan_steps"], out["losses"] = summary.nan_steps, summary.losses
+    poison.update(steps={1, 2, 3}, calls=0)
+    try:
+        run_training(cfg, ModelBuilder(build, TOY_BUILDER.freeze), _data)
+        out["aborted"] = None
+    except NonFiniteLossError as err:
+        out["aborted"] = str(err)
+    return out
+
+
+def all_cases(root: str, tp: int) -> dict:
+    return {"resume": resume_and_checkpoint_cases(f"{root}/resume", tp), "freeze": freeze_cases(f"{root}/freeze"),
+            "nan": nan_cases(f"{root}/nan")}
