@@ -104,7 +104,7 @@ def build_model(exp_cfg: ExperimentConfig, pre_process: bool = True, post_proces
     language = Qwen3LanguageModel(config, model_cfg.language, backend, pre_process=pre_process,
                                   post_process=post_process, vp_stage=vp_stage)
     vision = projector = None
-    if pre_process and getattr(model_cfg, "has_vision", True):
+    if pre_process and model_cfg.has_vision:
         from .projector import QwenMergeProjector
         from .vision import QwenVisionModel
 

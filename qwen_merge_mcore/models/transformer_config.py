@@ -32,9 +32,6 @@ def common_config_kwargs(parallel: ParallelConfig, precision: PrecisionConfig,
         params_dtype=dtype, pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
         hidden_dropout=0.0, attention_dropout=0.0,
-        # Sequence lengths change from batch to batch (packing, images): pipeline p2p must
-        # exchange shapes.
-        variable_seq_lengths=True,
         # MRoPE angles differ per token; TE's fused rope restarts positions per packed sequence.
         apply_rope_fusion=False,
         # The fused kernels are CUDA extensions.
@@ -58,7 +55,7 @@ def language_transformer_config(lang: LanguageConfig, parallel: ParallelConfig, 
     if first is not None and first < 1:
         raise ConfigError("parallel.first_stage_layers", "Megatron-Core needs at least one decoder layer on "
                           "the first pipeline stage")
-    return TransformerConfig(
+    config = TransformerConfig(
         num_layers=lang.num_layers,
         hidden_size=lang.hidden_size,
         ffn_hidden_size=lang.ffn_hidden_size,
@@ -79,3 +76,12 @@ def language_transformer_config(lang: LanguageConfig, parallel: ParallelConfig, 
                             widths={"hidden_size": lang.hidden_size, "ffn_hidden_size": lang.ffn_hidden_size,
                                     "attention": lang.num_attention_heads * lang.head_dim}),
     )
+    return with_variable_seq_lengths(config)
+
+
+def with_variable_seq_lengths(config: TransformerConfig) -> TransformerConfig:
+    """Sequence lengths change from batch to batch (packing, images), so the pipeline p2p must
+    exchange shapes. Set after construction: 0.16.1's __post_init__ rejects it for the default
+    MoE token dispatcher even in a dense model."""
+    config.variable_seq_lengths = True
+    return config
