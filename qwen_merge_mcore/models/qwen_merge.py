@@ -17,7 +17,7 @@ from ..batch import VisionInput
 from ..config import ExperimentConfig, ModelConfig
 from .backend import resolve_backend
 from .language import Qwen3LanguageModel
-from .transformer_config import language_transformer_config
+from .language_config import language_transformer_config
 
 PARTS = ("vision", "projector", "language")
 _PART_MODULES = {"vision": "vision_model", "projector": "projector", "language": "language_model"}
