@@ -18,14 +18,17 @@ from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import init_method_normal
 
-from ..config import ModelConfig
+from ..config import ModelConfig, ParallelConfig, PrecisionConfig
 from .specs import norm_module, parallel_linears
+from .vision import vision_transformer_config
 
 
 class QwenMergeProjector(MegatronModule):
-    """`config` is the ViT's TransformerConfig (TP layout, dtype, init)."""
+    """Lives next to the ViT on the first pipeline stage and shares its TransformerConfig
+    (TP layout, dtype, init)."""
 
-    def __init__(self, config: TransformerConfig, model: ModelConfig, backend: str):
+    def __init__(self, model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig, backend: str):
+        config = vision_transformer_config(model.vision, parallel, precision)
         super().__init__(config=config)
         vision, projector = model.vision, model.projector
         column, row = parallel_linears(backend)

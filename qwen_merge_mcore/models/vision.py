@@ -15,21 +15,66 @@ follow the patches through the reordering. All index bookkeeping here mirrors tr
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from megatron.core.enums import Fp8Recipe
+from megatron.core.fp8_utils import get_fp8_context
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from ..config import VisionConfig
+from ..config import ParallelConfig, PrecisionConfig, VisionConfig
+from ..utils.runtime import cuda_available
 from .backend import resolve_backend
 from .specs import transformer_layer_spec
 
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
 # HF pads each image's merged grid to whole windows with this marker before dropping it.
 _PAD = -100
+
+
+def vision_transformer_config(vision: VisionConfig, parallel: ParallelConfig,
+                              precision: PrecisionConfig) -> TransformerConfig:
+    """The Qwen2.5-VL ViT blocks: RMSNorm, SwiGLU MLP with biases, fused qkv with bias.
+
+    The ViT lives whole on the first pipeline stage (pipeline size 1 here, or TransformerBlock
+    would split its layers across stages) and runs without sequence or context parallelism.
+    """
+    dtype = _DTYPES[precision.params_dtype]
+    cpu = not cuda_available()
+    return TransformerConfig(
+        num_layers=vision.depth,
+        hidden_size=vision.hidden_size,
+        num_attention_heads=vision.num_heads,
+        kv_channels=vision.head_dim,
+        ffn_hidden_size=vision.intermediate_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=vision.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=True,
+        add_qkv_bias=True,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=1,
+        params_dtype=dtype, pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+        # The rotary angles are per token (2D positions); TE's fused THD rope kernel would restart
+        # positions in every window, Megatron's unfused path maps each token to its own angles.
+        apply_rope_fusion=False,
+        # Fused kernels and CUDA-side initialisation need a GPU.
+        use_cpu_initialization=cpu,
+        bias_dropout_fusion=not cpu,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+    )
 
 
 @dataclass(frozen=True)
@@ -116,7 +161,8 @@ class VisionRotaryEmbedding(torch.nn.Module):
 
 
 class PatchEmbed(torch.nn.Module):
-    """Qwen2.5-VL's Conv3d (kernel = stride = patch) as a bias-free linear over flattened patches."""
+    """Qwen2.5-VL's Conv3d (kernel = stride = patch) as a bias-free linear over flattened patches;
+    replicated across TP (its output feeds the column-parallel qkv, whose backward all-reduces)."""
 
     def __init__(self, config: TransformerConfig, vision: VisionConfig):
         super().__init__()
@@ -133,7 +179,8 @@ class PatchEmbed(torch.nn.Module):
 class QwenVisionModel(MegatronModule):
     """Patch embedding, 2D rope, window/full attention blocks; no final norm (the projector has ln_q)."""
 
-    def __init__(self, config: TransformerConfig, vision: VisionConfig, backend: str):
+    def __init__(self, vision: VisionConfig, parallel: ParallelConfig, precision: PrecisionConfig, backend: str):
+        config = vision_transformer_config(vision, parallel, precision)
         super().__init__(config=config)
         self.vision = vision
         self.backend = resolve_backend(backend)
@@ -163,9 +210,14 @@ class QwenVisionModel(MegatronModule):
         # blocks need different segments, so the layers are called one by one (Megatron's own
         # layer modules). Block-level full recompute is therefore not applied here; the ViT is
         # frozen in every training stage, and selective recompute inside the layers still works.
-        for layer in self.decoder.layers:
-            params = full if layer.layer_number - 1 in self.fullatt else windowed
-            hidden, _ = layer(hidden, attention_mask=None, rotary_pos_emb=rotary, packed_seq_params=params)
+        # FP8 contexts as in TransformerBlock.forward (no-ops unless the config enables FP8).
+        delayed = self.config.fp8_recipe == Fp8Recipe.delayed
+        with get_fp8_context(self.config) if delayed else nullcontext():
+            for layer in self.decoder.layers:
+                params = full if layer.layer_number - 1 in self.fullatt else windowed
+                with nullcontext() if delayed else get_fp8_context(self.config, layer.layer_number - 1):
+                    hidden, _ = layer(hidden, attention_mask=None, rotary_pos_emb=rotary,
+                                      packed_seq_params=params)
         return hidden.reshape(n // unit, unit, -1)[layout.reverse_index].reshape(n, -1)
 
     def _packed(self, cu_seqlens: torch.Tensor) -> PackedSeqParams:

@@ -33,8 +33,7 @@ def _hf_vision_reference(tiny, grids):
     pixels = torch.randn(int(grid.prod(-1).sum()), features, generator=generator)
     with torch.no_grad():
         merged = visual(pixels, grid_thw=grid).pooler_output
-    state = {k: v.clone() for k, v in visual.state_dict().items()}
-    return {"pixels": pixels, "grid": grid, "expected": merged, "state": state}
+    return {"pixels": pixels, "grid": grid, "expected": merged}
 
 
 @pytest.fixture(scope="module")
@@ -46,98 +45,72 @@ def _shard(t: torch.Tensor, dim: int, rank: int, tp: int) -> torch.Tensor:
     return t.chunk(tp, dim=dim)[rank].clone()
 
 
-def _load_hf_visual(vision_model, projector, hf: dict, rank: int, tp: int) -> None:
-    """Temporary HF -> Megatron copy (TP-sharded) until checkpoint/mapping.py lands on main."""
-    cfg = tiny_model_config().vision
-    heads, head_dim, hidden = cfg.num_heads, cfg.head_dim, cfg.hidden_size
-    ours = {"patch_embed.proj.weight": hf["patch_embed.proj.weight"].reshape(hidden, -1)}
-    for i in range(cfg.depth):
-        src, dst = f"blocks.{i}.", f"decoder.layers.{i}."
-        # [q; k; v] of all heads -> per head [q_h, k_h, v_h], then heads split across ranks.
-        qkv_w = hf[src + "attn.qkv.weight"].reshape(3, heads, head_dim, hidden).transpose(0, 1)
-        qkv_b = hf[src + "attn.qkv.bias"].reshape(3, heads, head_dim).transpose(0, 1)
-        gate_up = {part: torch.cat([_shard(hf[f"{src}mlp.{p}_proj.{part}"], 0, rank, tp) for p in ("gate", "up")])
-                   for part in ("weight", "bias")}
-        ours.update({
-            dst + "input_layernorm.weight": hf[src + "norm1.weight"],
-            dst + "self_attention.linear_qkv.weight": _shard(qkv_w, 0, rank, tp).reshape(-1, hidden),
-            dst + "self_attention.linear_qkv.bias": _shard(qkv_b, 0, rank, tp).reshape(-1),
-            dst + "self_attention.linear_proj.weight": _shard(hf[src + "attn.proj.weight"], 1, rank, tp),
-            dst + "self_attention.linear_proj.bias": hf[src + "attn.proj.bias"],
-            dst + "pre_mlp_layernorm.weight": hf[src + "norm2.weight"],
-            dst + "mlp.linear_fc1.weight": gate_up["weight"],
-            dst + "mlp.linear_fc1.bias": gate_up["bias"],
-            dst + "mlp.linear_fc2.weight": _shard(hf[src + "mlp.down_proj.weight"], 1, rank, tp),
-            dst + "mlp.linear_fc2.bias": hf[src + "mlp.down_proj.bias"],
-        })
-    vision_model.load_state_dict(ours, strict=True)
-    merger = {
-        "ln_q.weight": hf["merger.ln_q.weight"],
-        "linear_fc1.weight": _shard(hf["merger.mlp.0.weight"], 0, rank, tp),
-        "linear_fc1.bias": _shard(hf["merger.mlp.0.bias"], 0, rank, tp),
-        "linear_fc2.weight": _shard(hf["merger.mlp.2.weight"], 1, rank, tp),
-        "linear_fc2.bias": hf["merger.mlp.2.bias"],
-    }
-    missing, unexpected = projector.load_state_dict(merger, strict=False)
-    assert not unexpected and set(missing) <= {"linear_fc3.weight", "linear_fc3.bias"}, (missing, unexpected)
-
-
-def _build(extra_layer: bool):
+def _build_vision(tiny):
+    """ViT + plain Qwen2.5-VL projector (no mlp.4) filled from the tiny HF folder via the mapping table."""
     from megatron.core import parallel_state
 
+    from qwen_merge_mcore.checkpoint.mapping import load_hf_weights
     from qwen_merge_mcore.config import ParallelConfig, PrecisionConfig
     from qwen_merge_mcore.models.projector import QwenMergeProjector
-    from qwen_merge_mcore.models.transformer_config import vision_transformer_config
     from qwen_merge_mcore.models.vision import QwenVisionModel
 
     model = tiny_model_config()
-    model.projector.extra_layer = extra_layer
+    model.projector.extra_layer = False
     parallel = ParallelConfig(tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size())
-    config = vision_transformer_config(model.vision, parallel, PrecisionConfig(params_dtype="fp32"))
-    return model, QwenVisionModel(config, model.vision, "local").eval(), QwenMergeProjector(config, model, "local")
+    precision = PrecisionConfig(params_dtype="fp32")
+    parts = torch.nn.Module()  # the names the table knows: vision_model.*, projector.*
+    parts.vision_model = QwenVisionModel(model.vision, parallel, precision, "local").eval()
+    parts.projector = QwenMergeProjector(model, parallel, precision, "local")
+    assert parts.projector.linear_fc3 is None
+    unused = load_hf_weights(parts, tiny["qwen2_5_vl"], model)
+    assert not [name for name in unused if name.startswith("visual.")], unused
+    return parts, parallel, precision
 
 
-def _parity_case(ref: dict) -> dict:
+def _parity_case(ref: dict, tiny) -> dict:
     """Max |ours - HF| up to mlp.2, and the extra GELU + mlp.4 against a hand computation."""
     from megatron.core import parallel_state
 
+    from qwen_merge_mcore.models.projector import QwenMergeProjector
+
     tp = parallel_state.get_tensor_model_parallel_world_size()
     rank = parallel_state.get_tensor_model_parallel_rank()
-    _, vision_model, projector = _build(extra_layer=False)
-    assert projector.linear_fc3 is None
-    _load_hf_visual(vision_model, projector, ref["state"], rank, tp)
+    parts, parallel, precision = _build_vision(tiny)
     with torch.no_grad():
-        merged = projector(vision_model(ref["pixels"], ref["grid"]))
+        patches = parts.vision_model(ref["pixels"], ref["grid"])
+        merged = parts.projector(patches)
     result = {"mlp2_diff": (merged - ref["expected"]).abs().max().item()}
 
-    model, vision_model, projector = _build(extra_layer=True)
+    model = tiny_model_config()
+    projector = QwenMergeProjector(model, parallel, precision, "local")
     fc3 = projector.linear_fc3
     result["fc3_init"] = (fc3.weight.std().item(), fc3.bias.abs().max().item(), tuple(fc3.weight.shape))
-    _load_hf_visual(vision_model, projector, ref["state"], rank, tp)
+    missing, unexpected = projector.load_state_dict(parts.projector.state_dict(), strict=False)
+    assert not unexpected and sorted(missing) == ["linear_fc3.bias", "linear_fc3.weight"], (missing, unexpected)
     generator = torch.Generator().manual_seed(1)  # the same full weight on every rank
     weight = torch.randn(model.language.hidden_size, model.projector.merger_out_size, generator=generator) * 0.02
     bias = torch.randn(model.language.hidden_size, generator=generator) * 0.1
     with torch.no_grad():
         fc3.weight.copy_(_shard(weight, 1, rank, tp))
         fc3.bias.copy_(bias)
-        out = projector(vision_model(ref["pixels"], ref["grid"]))
+        out = projector(patches)
     by_hand = torch.nn.functional.gelu(ref["expected"]) @ weight.T + bias
     result["fc3_diff"] = (out - by_hand).abs().max().item()
     return result
 
 
-def _parity_tp2_then_tp1(ref: dict) -> dict:
+def _parity_tp2_then_tp1(ref: dict, tiny) -> dict:
     from megatron.core import parallel_state
 
-    results = {"tp2": _parity_case(ref)}
+    results = {"tp2": _parity_case(ref, tiny)}
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
-    results["tp1"] = _parity_case(ref)
+    results["tp1"] = _parity_case(ref, tiny)
     return results
 
 
-def test_vision_and_projector_match_transformers_tp1_tp2(hf_reference, distributed):
-    per_rank = distributed(_parity_tp2_then_tp1, world_size=2, tp=2, args=(hf_reference,))
+def test_vision_and_projector_match_transformers_tp1_tp2(hf_reference, tiny, distributed):
+    per_rank = distributed(_parity_tp2_then_tp1, world_size=2, tp=2, args=(hf_reference, tiny))
     model = tiny_model_config()
     for rank, results in enumerate(per_rank):
         print(f"rank {rank}: " + "; ".join(f"{tp} max|ours-HF| up to mlp.2 = {r['mlp2_diff']:.2e}, "
