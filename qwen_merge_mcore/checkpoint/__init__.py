@@ -1,1 +1,1 @@
-"""Checkpoint formats: the HF <-> Megatron mapping and Megatron-Core distributed checkpoints."""
+"""Checkpoint formats: Hugging Face safetensors folders, the HF<->Megatron mapping table, converters."""
