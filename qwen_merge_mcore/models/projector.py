@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from megatron.core.tensor_parallel import scatter_to_tensor_model_parallel_region
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -54,9 +55,16 @@ class QwenMergeProjector(MegatronModule):
         if self.linear_fc3 is not None:
             # Transformer Engine's row-parallel linear refuses input_is_parallel=False, so the
             # input is split here for both backends; the weight layout is the same either way.
-            x = scatter_to_tensor_model_parallel_region(F.gelu(x))
+            # Copy (backward: all-reduce) + local slice rather than Megatron's scatter, whose
+            # backward all-gather allocates on CUDA: the projector also trains on CPU.
+            x = _local_slice(copy_to_tensor_model_parallel_region(F.gelu(x)))
             x, _ = self.linear_fc3(x)
         return x
+
+
+def _local_slice(x: torch.Tensor) -> torch.Tensor:
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    return x.chunk(tp, dim=-1)[parallel_state.get_tensor_model_parallel_rank()]
 
 
 def _row_parallel(row: type, in_size: int, out_size: int, config: TransformerConfig, init_method, name: str):

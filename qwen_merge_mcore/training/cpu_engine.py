@@ -39,6 +39,7 @@ class CPUEngine:
         self.models = models
         self.model = models[0]
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.tp_sum, self.tp_avg = _tp_replicated_with_local_grads(self.model)
         t = cfg.train
         self.optimizer = torch.optim.AdamW(param_groups(self.model, t.weight_decay), lr=t.lr,
                                            betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
@@ -61,6 +62,7 @@ class CPUEngine:
         dist.all_reduce(totals, group=dp_group)
         loss_sum, tokens = totals.tolist()
         loss = loss_sum / max(tokens, 1.0)
+        self._sync_tp_replicated_grads()
         self._reduce_grads(dp_group, scale=1.0 / max(tokens, 1.0))
         grad_norm = self._grad_norm()
         if not finite(loss, grad_norm):
@@ -72,6 +74,19 @@ class CPUEngine:
                     p.grad.mul_(clip)
         self.optimizer.step()
         return StepResult(loss, int(tokens), grad_norm, skipped=False)
+
+    def _sync_tp_replicated_grads(self) -> None:
+        """As Megatron's finalize_model_grads: TP-replicated weights that see only this rank's
+        heads (q/k layernorm) sum their gradients over TP, so the replicas stay identical."""
+        group = parallel_state.get_tensor_model_parallel_group()
+        if dist.get_world_size(group) == 1:
+            return
+        for params, avg in ((self.tp_sum, False), (self.tp_avg, True)):
+            for p in params:
+                if p.grad is not None:
+                    dist.all_reduce(p.grad, group=group)
+                    if avg:
+                        p.grad.div_(dist.get_world_size(group))
 
     def _reduce_grads(self, group, scale: float) -> None:
         for p in self.params:
@@ -122,3 +137,18 @@ class CPUEngine:
                 s["step"] = torch.tensor(0.0)
                 s["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 s["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def _tp_replicated_with_local_grads(model: torch.nn.Module) -> tuple[list, list]:
+    """(sum over TP, average over TP) parameter lists, by Megatron's finalize_model_grads rules."""
+    config = model.config
+    summed, averaged = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if getattr(p, "average_gradients_across_tp_domain", False):
+            averaged.append(p)
+        elif (config.sequence_parallel and getattr(p, "sequence_parallel", False)) or (
+                config.qk_layernorm and ("q_layernorm" in name or "k_layernorm" in name)):
+            summed.append(p)
+    return summed, averaged

@@ -12,27 +12,20 @@ from functools import partial
 from typing import Iterator
 
 import torch
-from megatron.core.packed_seq_params import PackedSeqParams
 
 from ..batch import Batch
 
 
-def packed_seq_params(batch: Batch):
-    if batch.cu_seqlens is None:
-        return None
-    cu = batch.cu_seqlens.to(torch.int32)
-    longest = int((cu[1:] - cu[:-1]).max())
-    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
-                           max_seqlen_kv=longest)
-
-
 def model_forward(model: torch.nn.Module, batch: Batch, with_labels: bool = True) -> torch.Tensor:
     return model(tokens=batch.tokens, position_ids=batch.position_ids, images=batch.images, videos=batch.videos,
-                 packed_seq_params=packed_seq_params(batch), labels=batch.labels if with_labels else None)
+                 cu_seqlens=batch.cu_seqlens, labels=batch.labels if with_labels else None)
 
 
 def loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
     """-> (loss sum, token count, {"lm loss": [sum, count]}) as Megatron's schedules expect."""
+    if per_token_loss.shape != loss_mask.shape:
+        raise ValueError(f"the model returned a loss of shape {tuple(per_token_loss.shape)}, the batch's loss mask "
+                         f"is {tuple(loss_mask.shape)}: expected the per-token loss [B, S]")
     mask = loss_mask.to(per_token_loss.device, torch.float32)
     loss_sum = (per_token_loss.float() * mask).sum()
     num_tokens = mask.sum().to(torch.int)

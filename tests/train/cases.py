@@ -13,12 +13,13 @@ from qwen_merge_mcore.training import checkpointing
 from qwen_merge_mcore.training.checkpointing import latest_iteration
 from qwen_merge_mcore.training.loop import NonFiniteLossError, run_training
 
-from .helpers import TOY_BUILDER, toy_config
-from .toy_data import ToyData
+from qwen_merge_mcore.models.qwen_merge import build_model, freeze
+from qwen_merge_mcore.training.model_provider import ModelBuilder
+
+from .helpers import synthetic as _data, tiny_config as toy_config
 
 
-def _data(cfg, rank, size, **kw):
-    return ToyData(cfg, rank, size, **kw)
+BUILDER = ModelBuilder(build_model, freeze)
 
 
 def _names(folder: Path) -> list[str]:
@@ -31,12 +32,12 @@ def resume_and_checkpoint_cases(root: str, tp: int) -> dict:
     root = Path(root)
     ckpt = {"save_interval": 3, "keep_last": 2}
     full = run_training(toy_config(tp=tp, checkpoint={"save": str(root / "full"), **ckpt},
-                                   train={"train_iters": 7}), TOY_BUILDER, _data)
+                                   train={"train_iters": 7}), BUILDER, _data)
     kept = _names(root / "full")
     part = toy_config(tp=tp, checkpoint={"save": str(root / "part"), **ckpt}, train={"train_iters": 7})
     micro = part.train.global_batch_size // part.train.micro_batch_size // dist.get_world_size() * tp
-    stopped = run_training(part, TOY_BUILDER, partial(_data, signal_after=4 * micro))
-    resumed = run_training(part, TOY_BUILDER, _data)
+    stopped = run_training(part, BUILDER, partial(_data, signal_after=4 * micro))
+    resumed = run_training(part, BUILDER, _data)
 
     real = checkpointing.save_dist_checkpoint
 
@@ -48,7 +49,7 @@ def resume_and_checkpoint_cases(root: str, tp: int) -> dict:
     failed = None
     try:
         run_training(toy_config(tp=tp, checkpoint={"save": str(root / "part"), "save_interval": 1},
-                                train={"train_iters": 9}), TOY_BUILDER, _data)
+                                train={"train_iters": 9}), BUILDER, _data)
     except RuntimeError as err:
         failed = str(err)
     finally:
@@ -67,15 +68,13 @@ def freeze_cases(root: str) -> dict:
     captured = {}
 
     def builder_capture(cfg, **kw):
-        model = TOY_BUILDER.build(cfg, **kw)
+        model = BUILDER.build(cfg, **kw)
         captured["before"] = {k: v.detach().clone() for k, v in model.state_dict().items()
                               if isinstance(v, torch.Tensor)}
         captured["model"] = model
         return model
 
-    from qwen_merge_mcore.training.model_provider import ModelBuilder
-
-    spy = ModelBuilder(builder_capture, TOY_BUILDER.freeze)
+    spy = ModelBuilder(builder_capture, BUILDER.freeze)
     tp = dist.get_world_size()
     stage1 = toy_config(tp=tp, checkpoint={"save": f"{root}/s1", "save_interval": 100},
                         train={"train_iters": 3, "freeze": ["vision", "language"]})
@@ -107,7 +106,7 @@ def nan_cases(root: str) -> dict:
     poison = {"steps": {2, 3}, "calls": 0, "per_step": cfg.train.global_batch_size}
 
     def build(c, **kw):
-        model = TOY_BUILDER.build(c, **kw)
+        model = BUILDER.build(c, **kw)
 
         def hook(module, args, output):
             step = poison["calls"] // poison["per_step"] + 1
@@ -117,13 +116,11 @@ def nan_cases(root: str) -> dict:
         model.register_forward_hook(hook)
         return model
 
-    from qwen_merge_mcore.training.model_provider import ModelBuilder
-
-    summary = run_training(cfg, ModelBuilder(build, TOY_BUILDER.freeze), _data)
+    summary = run_training(cfg, ModelBuilder(build, BUILDER.freeze), _data)
     out["nan_steps"], out["losses"] = summary.nan_steps, summary.losses
     poison.update(steps={1, 2, 3}, calls=0)
     try:
-        run_training(cfg, ModelBuilder(build, TOY_BUILDER.freeze), _data)
+        run_training(cfg, ModelBuilder(build, BUILDER.freeze), _data)
         out["aborted"] = None
     except NonFiniteLossError as err:
         out["aborted"] = str(err)
