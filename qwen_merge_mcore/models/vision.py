@@ -184,6 +184,7 @@ class QwenVisionModel(MegatronModule):
         super().__init__(config=config)
         self.vision = vision
         self.backend = resolve_backend(backend)
+        self.qkv_format = "thd" if self.backend == "te" else "sbhd"
         self.patch_embed = PatchEmbed(config, vision)
         self.rotary = VisionRotaryEmbedding(vision.head_dim, vision.rope_theta)
         self.decoder = TransformerBlock(
@@ -223,12 +224,13 @@ class QwenVisionModel(MegatronModule):
     def _packed(self, cu_seqlens: torch.Tensor) -> PackedSeqParams:
         """Block-diagonal attention over `cu_seqlens` segments with per-token rotary angles.
 
-        `te`: THD, which Transformer Engine's fused attention needs; with per-token angles
-        (angles.size(0) == cu_seqlens[-1]) Megatron's unfused THD rope maps each token to its own
-        angle. `local`: SBHD with b=1, so Megatron applies the angles token by token, and the SDPA
-        core attention reads the segments from cu_seqlens_q.
+        `thd` (te): what Transformer Engine's fused attention needs; since the angles hold one row
+        per token (angles.size(0) == cu_seqlens[-1]), Megatron's unfused THD rope gives each token
+        its own angles instead of restarting per segment. `sbhd` (local): b=1, Megatron applies the
+        angles token by token and the SDPA core attention reads the segments from cu_seqlens_q.
+        The local SDPA core attention also runs `thd`, which is how the CPU tests cover that path.
         """
-        if self.backend == "te":
+        if self.qkv_format == "thd":
             longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
             return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
                                    max_seqlen_q=longest, max_seqlen_kv=longest)
