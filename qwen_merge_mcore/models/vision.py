@@ -132,6 +132,21 @@ def frame_cu_seqlens(grid_thw: torch.Tensor) -> torch.Tensor:
     return F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
 
 
+def check_vision_input(pixel_values: torch.Tensor, grid_thw: torch.Tensor, vision: VisionConfig) -> None:
+    """Clear errors for inputs the ViT cannot take (instead of a reshape failure deep inside)."""
+    if grid_thw.dim() != 2 or grid_thw.shape[1] != 3:
+        raise ValueError(f"grid_thw must be [num_images, 3] (t, h, w), got shape {tuple(grid_thw.shape)}")
+    merge = vision.spatial_merge_size
+    if bool((grid_thw <= 0).any()) or bool((grid_thw[:, 1:] % merge != 0).any()):
+        raise ValueError(f"grid_thw entries must be positive, with h and w multiples of the spatial merge "
+                         f"size {merge}; got {grid_thw.tolist()}")
+    patches = int(grid_thw.prod(-1).sum())
+    features = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
+    if tuple(pixel_values.shape) != (patches, features):
+        raise ValueError(f"pixel_values must be [{patches}, {features}] (patches of grid_thw {grid_thw.tolist()} x "
+                         f"C*T*P*P), got {tuple(pixel_values.shape)}")
+
+
 def vision_layout(grid_thw: torch.Tensor, vision: VisionConfig, device) -> VisionLayout:
     merge = vision.spatial_merge_size
     index, cu_window = window_index(grid_thw.cpu(), merge, vision.window_size // merge // vision.patch_size)
@@ -194,7 +209,7 @@ class QwenVisionModel(MegatronModule):
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """[N, C*T*P*P] patches of all images + grid_thw [n, 3] -> [N, hidden] in the input order."""
-        self._check_input(pixel_values, grid_thw)
+        check_vision_input(pixel_values, grid_thw, self.vision)
         device = pixel_values.device
         layout = vision_layout(grid_thw, self.vision, device)
         unit = self.vision.spatial_merge_size ** 2
@@ -235,15 +250,3 @@ class QwenVisionModel(MegatronModule):
             return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
                                    max_seqlen_q=longest, max_seqlen_kv=longest)
         return PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens)
-
-    def _check_input(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> None:
-        if grid_thw.dim() != 2 or grid_thw.shape[1] != 3:
-            raise ValueError(f"grid_thw must be [num_images, 3] (t, h, w), got shape {tuple(grid_thw.shape)}")
-        merge = self.vision.spatial_merge_size
-        if bool(((grid_thw[:, 1:] % merge) != 0).any()) or bool((grid_thw <= 0).any()):
-            raise ValueError(f"every grid_thw entry must be positive with h and w multiples of the spatial "
-                             f"merge size {merge}, got {grid_thw.tolist()}")
-        patches = int(grid_thw.prod(-1).sum())
-        if pixel_values.dim() != 2 or pixel_values.shape != (patches, self.patch_embed.in_features):
-            raise ValueError(f"pixel_values must be [{patches}, {self.patch_embed.in_features}] for grid_thw "
-                             f"{grid_thw.tolist()}, got {tuple(pixel_values.shape)}")

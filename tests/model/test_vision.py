@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from qwen_merge_mcore.fixtures.tiny import tiny_model_config
-from qwen_merge_mcore.models.vision import frame_cu_seqlens, vision_position_ids, window_index
+from qwen_merge_mcore.models.vision import check_vision_input, frame_cu_seqlens, vision_position_ids, window_index
 
 # (t, h, w) in patches; window = 4x4 merged units = 8x8 patches. 8x12: non-square, its merged
 # 4x6 grid pads to whole windows; 16x8: divides evenly (HF adds an empty window, deduplicated);
@@ -183,6 +183,22 @@ def test_layout_matches_transformers():
         assert torch.equal(frame_cu_seqlens(grid), get_vision_cu_seqlens(grid))
         assert torch.equal(vision_position_ids(grid, cfg.spatial_merge_size),
                            get_vision_position_ids(grid, cfg.spatial_merge_size))
+
+
+def test_bad_input_is_named():
+    cfg = tiny_model_config().vision
+    features = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size ** 2
+    grid = torch.tensor([[1, 4, 6]])
+    check_vision_input(torch.zeros(24, features), grid, cfg)
+    cases = [
+        (torch.zeros(24, features), torch.tensor([1, 4, 6]), "grid_thw must be"),
+        (torch.zeros(15, features), torch.tensor([[1, 3, 5]]), "multiples of the spatial merge size 2"),
+        (torch.zeros(20, features), grid, r"pixel_values must be \[24, 1176\]"),
+        (torch.zeros(24, features - 1), grid, r"pixel_values must be \[24, 1176\]"),
+    ]
+    for pixels, bad_grid, message in cases:
+        with pytest.raises(ValueError, match=message):
+            check_vision_input(pixels, bad_grid, cfg)
 
 
 def _bf16_parts(tiny, backend: str):
