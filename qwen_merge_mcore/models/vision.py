@@ -28,11 +28,10 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ..config import ParallelConfig, PrecisionConfig, VisionConfig
-from ..utils.runtime import cuda_available
 from .backend import resolve_backend
+from .fp8 import fp8_config_kwargs, fp8_fallback
+from .language_config import common_config_kwargs
 from .specs import transformer_layer_spec
-
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 # HF pads each image's merged grid to whole windows with this marker before dropping it.
 _PAD = -100
@@ -44,9 +43,11 @@ def vision_transformer_config(vision: VisionConfig, parallel: ParallelConfig,
 
     The ViT lives whole on the first pipeline stage (pipeline size 1 here, or TransformerBlock
     would split its layers across stages) and runs without sequence or context parallelism.
+    FP8 only with `precision.fp8_vision` (and FP8-aligned widths).
     """
-    dtype = _DTYPES[precision.params_dtype]
-    cpu = not cuda_available()
+    kwargs = common_config_kwargs(parallel, precision)
+    kwargs.update(pipeline_model_parallel_size=1, virtual_pipeline_model_parallel_size=None,
+                  context_parallel_size=1, sequence_parallel=False)
     return TransformerConfig(
         num_layers=vision.depth,
         hidden_size=vision.hidden_size,
@@ -59,21 +60,9 @@ def vision_transformer_config(vision: VisionConfig, parallel: ParallelConfig,
         activation_func=F.silu,
         add_bias_linear=True,
         add_qkv_bias=True,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
-        pipeline_model_parallel_size=1,
-        params_dtype=dtype, pipeline_dtype=dtype,
-        bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
-        # The rotary angles are per token (2D positions); TE's fused THD rope kernel would restart
-        # positions in every window, Megatron's unfused path maps each token to its own angles.
-        apply_rope_fusion=False,
-        # Fused kernels and CUDA-side initialisation need a GPU.
-        use_cpu_initialization=cpu,
-        bias_dropout_fusion=not cpu,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
+        **kwargs,
+        **fp8_config_kwargs(precision, num_layers=vision.depth, pipeline_size=1, enabled=precision.fp8_vision,
+                            widths={"hidden_size": vision.hidden_size, "ffn_hidden_size": vision.intermediate_size}),
     )
 
 
@@ -228,7 +217,7 @@ class QwenVisionModel(MegatronModule):
         # frozen in every training stage, and selective recompute inside the layers still works.
         # FP8 contexts as in TransformerBlock.forward (no-ops unless the config enables FP8).
         delayed = self.config.fp8_recipe == Fp8Recipe.delayed
-        with get_fp8_context(self.config) if delayed else nullcontext():
+        with fp8_fallback(self.config, n), get_fp8_context(self.config) if delayed else nullcontext():
             for layer in self.decoder.layers:
                 params = full if layer.layer_number - 1 in self.fullatt else windowed
                 with nullcontext() if delayed else get_fp8_context(self.config, layer.layer_number - 1):
