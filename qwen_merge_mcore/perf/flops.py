@@ -13,7 +13,7 @@ activations and rotary embeddings are not counted, as in Megatron's own formula)
 - `logits_flops`: the output layer over the padded vocabulary.
 
 Training FLOPs = forward + backward; the backward costs 2x forward for a part whose weights
-train (data and weight gradients) and 1x for a frozen part that still passes gradients back
+train (input and weight gradients) and 1x for a frozen part that still passes gradients back
 to a trainable part before it; a frozen part with nothing trainable before it (the frozen ViT)
 costs forward only. With no part frozen this is the usual 3x forward. Recomputation adds a
 forward of what it recomputes. MFU and "model TFLOP/s" use `step_flops(..., recompute=None)`.
@@ -174,9 +174,11 @@ def forward_flops(model: ModelConfig, batch: BatchStats, tensor_parallel_size: i
 
 
 def backward_multipliers(freeze: Iterable[str] = ()) -> dict[str, int]:
-    """Backward cost of each part in units of its forward: +1 for weight gradients when it
-    trains, +1 for input gradients when a trainable part lies before it (vision -> projector
-    -> language)."""
+    """Backward cost of each part in units of its forward (order vision -> projector -> language):
+    2 when it trains (weight and input gradients; the input gradients of its first GEMM, not
+    needed for the ViT's patch embedding, are counted too, as Megatron's formula does), 1 when
+    frozen behind a trainable part (input gradients only), 0 when frozen with nothing trainable
+    before it."""
     frozen = set(freeze)
     unknown = frozen - set(PARTS)
     if unknown:
@@ -184,7 +186,7 @@ def backward_multipliers(freeze: Iterable[str] = ()) -> dict[str, int]:
     out, upstream_trains = {}, False
     for part in PARTS:
         trains = part not in frozen
-        out[part] = int(trains) + int(upstream_trains)
+        out[part] = 2 if trains else int(upstream_trains)
         upstream_trains = upstream_trains or trains
     return out
 
