@@ -90,15 +90,16 @@ def predict(ref: Reference, cost: CostModel = CostModel()) -> Prediction:
     return Prediction(ref, est, flops / est.step_time_s / ref.gpus / 1e12)
 
 
-def calibrate(ref: Reference, cost: CostModel = CostModel(), field: str = "") -> CostModel:
-    """The cost model with its GEMM efficiency for `ref`'s precision set so that the predicted
-    throughput equals the published one (bisection; throughput rises with the efficiency)."""
-    field = field or ("linear_efficiency_fp8" if ref.fp8 else "linear_efficiency_bf16")
+def calibrate(ref: Reference, cost: CostModel = CostModel(),
+              fields: tuple[str, ...] = ("linear_efficiency_fp8", "linear_efficiency_bf16")) -> CostModel:
+    """The cost model with its GEMM efficiency `fields` set to one value for which the predicted
+    throughput of `ref` equals the published one (bisection; throughput rises with it). By
+    default FP8 and BF16 GEMMs share the fitted fraction of their respective peaks."""
     lo, hi = 0.01, 1.0
     for _ in range(60):
         mid = (lo + hi) / 2
-        if predict(ref, dataclasses.replace(cost, **{field: mid})).reported_tflops < ref.tflops_per_gpu:
+        if predict(ref, dataclasses.replace(cost, **dict.fromkeys(fields, mid))).reported_tflops < ref.tflops_per_gpu:
             lo = mid
         else:
             hi = mid
-    return dataclasses.replace(cost, **{field: (lo + hi) / 2})
+    return dataclasses.replace(cost, **dict.fromkeys(fields, (lo + hi) / 2))
