@@ -50,6 +50,7 @@ def image_grid(pixels: int, vision) -> tuple[int, int, int]:
 
 def run(args) -> int:
     import json
+    from pathlib import Path
 
     from ..perf.hardware import gpu_spec
     from ..perf.models import known_models, plan_model
@@ -76,6 +77,7 @@ def run(args) -> int:
     if args.write_override:
         if target.text_only:
             raise ValueError(f"--write-override needs a Qwen-Merge preset; {args.preset} is a text-only reference")
+        Path(args.write_override).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(args.write_override, override_yaml(result, result.best))
     if args.json:
         print(json.dumps(plan_dict(result, args.top, cost), indent=2))
