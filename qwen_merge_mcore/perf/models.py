@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import LanguageConfig, ModelConfig, VisionConfig, config_from_dict
+from ..config import LanguageConfig, ModelConfig, config_from_dict
 
 # (layers, hidden, heads, kv heads, ffn) of Meta's Llama 3 / 3.1 releases.
 LLAMA3_SHAPES = {
@@ -32,10 +32,7 @@ def llama3(name: str) -> PlanModel:
                           head_dim=hidden // heads, ffn_hidden_size=ffn, vocab_size=128256, tie_word_embeddings=False,
                           qk_layernorm=False, rope_theta=500000.0, max_position_embeddings=131072)
     lang.validate()
-    # ModelConfig always carries a vision section; text_only keeps it out of every count. Its MLP
-    # width is set to one that every TP up to 16 divides, so it never restricts the layout.
-    placeholder = VisionConfig(intermediate_size=3456)
-    return PlanModel(name=name, model=ModelConfig(preset=name, vision=placeholder, language=lang), text_only=True)
+    return PlanModel(name=name, model=ModelConfig(preset=name, architecture="qwen3", language=lang), text_only=True)
 
 
 def plan_model(name: str) -> PlanModel:
@@ -43,7 +40,7 @@ def plan_model(name: str) -> PlanModel:
     if name in LLAMA3_SHAPES:
         return llama3(name)
     cfg = config_from_dict({"model": {"preset": name}, "train": {"train_iters": 1}}, check_runtime=False)
-    return PlanModel(name=name, model=cfg.model, text_only=False)
+    return PlanModel(name=name, model=cfg.model, text_only=not cfg.model.has_vision)
 
 
 def known_models() -> list[str]:

@@ -109,11 +109,33 @@ def test_megatron_state_bytes_and_shared_embedding():
     assert tp4.decoder_layer * 4 == counts.decoder_layer + 3 * replicated
 
 
-def test_megatron_model_count():
-    """The built Megatron QwenMergeModel (branch `model`) reports the padded count."""
-    models = pytest.importorskip("qwen_merge_mcore.models.model", reason="QwenMergeModel has not landed on main")
-    from qwen_merge_mcore.fixtures.tiny import tiny_model_config
+def test_megatron_model_counts(distributed):
+    """The built Megatron QwenMergeModel on CPU: per-part counts on each rank equal the analytic
+    per-rank counts at TP=2 (vocabulary 1000 padded to 1024 rows, shards) and at PP=2 with the
+    ViT + 1 decoder layer on the first stage."""
+    cfg = plan_model("tiny").model
+    tp2 = distributed(_megatron_counts, world_size=2, tp=2, args=(2, 1))
+    expected = parameter_counts(cfg, 2)
+    for rank in tp2:
+        assert rank == {"vision": expected.vision, "projector": expected.projector, "language": expected.language}
+    pp2 = distributed(_megatron_counts, world_size=2, pp=2, args=(1, 2))
+    ranks = rank_parameters(cfg, ParallelConfig(pipeline_model_parallel_size=2, first_stage_layers=1))
+    for built, want in zip(pp2, ranks):
+        assert built == {"vision": want.vision, "projector": want.projector, "language": want.language}
+    assert sum(r["vision"] + r["projector"] + r["language"] for r in pp2) == parameter_counts(cfg).total
 
-    cfg = tiny_model_config()
-    built = models.QwenMergeModel(cfg)
-    assert sum(p.numel() for p in built.parameters()) == parameter_counts(cfg).total
+
+def _megatron_counts(tp: int, pp: int) -> dict:
+    """Rank side: build the tiny Megatron QwenMergeModel (local backend) for this rank's stage."""
+    from megatron.core import parallel_state
+
+    from qwen_merge_mcore.config import config_from_dict
+    from qwen_merge_mcore.models.qwen_merge import build_model, parameter_counts as built_counts
+
+    cfg = config_from_dict({"model": {"preset": "tiny", "backend": "local"},
+                            "parallel": {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
+                                         "first_stage_layers": 1 if pp > 1 else None},
+                            "precision": {"params_dtype": "fp32"}, "train": {"train_iters": 1}}, check_runtime=False)
+    stage = parallel_state.get_pipeline_model_parallel_rank()
+    model = build_model(cfg, pre_process=stage == 0, post_process=stage == pp - 1)
+    return {part: sum(n) for part, n in built_counts(model).items()}
