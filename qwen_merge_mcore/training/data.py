@@ -21,9 +21,29 @@ class DataSource(Protocol):
 
 
 def build_data(cfg: ExperimentConfig, dp_rank: int, dp_size: int) -> DataSource:
-    from ..data import build_train_data  # the data pipeline (issue #5)
+    """The data pipeline's packed-sequence iterator for this DP rank (one sequence per micro-batch)."""
+    import torch
 
-    return build_train_data(cfg, dp_rank=dp_rank, dp_size=dp_size)
+    from ..data.loader import build_train_iterator
+
+    if cfg.train.micro_batch_size != 1:
+        raise ValueError("packed training takes one packed sequence per micro-batch: set train.micro_batch_size=1 "
+                         "and size micro-batches with data.seq_length")
+    return build_train_iterator(cfg.data, cfg.model, tokenizer_dir(cfg), dp_rank=dp_rank, dp_size=dp_size,
+                                seed=cfg.train.seed,
+                                device_id=torch.cuda.current_device() if torch.cuda.is_available() else None)
+
+
+def tokenizer_dir(cfg: ExperimentConfig) -> str:
+    """data.tokenizer, else the folder of checkpoint.pretrained when it holds a tokenizer."""
+    from pathlib import Path
+
+    if cfg.data.tokenizer:
+        return cfg.data.tokenizer
+    for folder in (cfg.checkpoint.pretrained, cfg.checkpoint.save):
+        if folder and (Path(folder) / "tokenizer_config.json").is_file():
+            return folder
+    raise ValueError("no tokenizer: set data.tokenizer to the Hugging Face model folder (it holds tokenizer.json)")
 
 
 def num_microbatches(cfg: ExperimentConfig, dp_size: int) -> int:

@@ -12,10 +12,10 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from ..config import ExperimentConfig
+from ..perf.flops import BatchStats, step_flops
 from . import checkpointing, data as data_mod
 from .checkpointing import Checkpointer, TrainState
 from .engine import build_engine
-from .flops import step_flops
 from .model_provider import ModelBuilder, build_chunks, check_freeze, format_report, parameter_report
 from .observability import StepLogger, Summary
 from .optim import build_scheduler
@@ -24,6 +24,12 @@ from .signals import ExitSignals
 
 def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _flops(cfg: ExperimentConfig, batches) -> float:
+    """Model FLOPs of this rank's micro-batches (the planner's count, ViT included; no recompute)."""
+    return sum(step_flops(cfg.model, BatchStats.from_batch(b), freeze=cfg.train.freeze,
+                          tensor_parallel_size=cfg.parallel.tensor_model_parallel_size) for b in batches)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -92,8 +98,8 @@ def run_training(cfg: ExperimentConfig, builder: Optional[ModelBuilder] = None,
                                              f"grad norm {result.grad_norm}")
             else:
                 scheduler.step(1)
-            work = torch.tensor([sum(b.tokens.numel() for b in batches.batches),
-                                 step_flops(cfg.model, batches.batches, list(cfg.train.freeze))], dtype=torch.float64, device=_device())
+            work = torch.tensor([sum(b.tokens.numel() for b in batches.batches), _flops(cfg, batches.batches)],
+                                dtype=torch.float64, device=_device())
             dist.all_reduce(work, group=parallel_state.get_data_parallel_group())
             log.step(state.iteration, result, lr, time.perf_counter() - start,
                      float(work[0]), float(work[1]))

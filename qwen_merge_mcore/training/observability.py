@@ -17,20 +17,21 @@ import torch
 from ..config import ExperimentConfig
 from ..utils.atomic import atomic_write_text
 
-# Dense bf16 peak TFLOP/s per GPU (FP8 doubles it), for MFU when logging.peak_tflops is unset.
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "B200": 2250.0, "A100": 312.0}
+# torch.cuda.get_device_name() fragment -> the planner's GPU spec (dense peak FLOP/s).
+KNOWN_GPUS = {"H100": "h100-80gb", "H200": "h200-141gb"}
 
 
 def peak_tflops(cfg: ExperimentConfig) -> Optional[float]:
+    """The MFU denominator: logging.peak_tflops, else the GPU's dense bf16 (or FP8) peak."""
+    from ..perf.hardware import gpu_spec
+
     if cfg.logging.peak_tflops is not None:
         return cfg.logging.peak_tflops
     if not torch.cuda.is_available():
         return None
     name = torch.cuda.get_device_name()
-    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
-    if peak is not None and cfg.precision.fp8 is not None:
-        peak *= 2
-    return peak
+    spec = next((gpu_spec(v) for k, v in KNOWN_GPUS.items() if k in name), None)
+    return spec.peak_flops(cfg.precision.fp8 is not None) / 1e12 if spec else None
 
 
 def memory_gib() -> float:
