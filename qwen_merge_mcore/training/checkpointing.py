@@ -33,6 +33,7 @@ from ..checkpoint.cpu_compat import save_dist_checkpoint
 from ..utils.atomic import atomic_write_text
 
 LATEST = "latest_checkpointed_iteration.txt"
+HF_META = "hf_meta"  # config, tokenizer, processor of the model (written by `qmm hf2mcore`)
 
 
 @dataclass
@@ -120,10 +121,28 @@ def _sharded_state(engine, data_state: Optional[dict], is_loading: bool, with_ra
     return state
 
 
+def find_hf_meta(pretrained: Optional[str], save: Optional[str]) -> Optional[Path]:
+    """The `hf_meta/` folder this run's checkpoints carry on: its own latest checkpoint's, else
+    the one of the checkpoint it starts from (a converted checkpoint or a previous stage)."""
+    for root in (save, pretrained):
+        if not root:
+            continue
+        try:
+            meta = resolve_checkpoint_dir(root) / HF_META
+        except FileNotFoundError:
+            continue
+        if meta.is_dir():
+            return meta
+    return None
+
+
 class Checkpointer:
-    def __init__(self, save: Optional[str], keep_last: int, async_save: bool = False):
+    def __init__(self, save: Optional[str], keep_last: int, async_save: bool = False,
+                 hf_meta: Optional[Path] = None):
         self.root = Path(save) if save else None
         self.keep_last = keep_last
+        # Copied into every checkpoint, so that `qmm mcore2hf` exports any of them.
+        self.hf_meta = hf_meta
         self.async_queue = None
         if async_save and torch.cuda.is_available():
             from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
@@ -161,6 +180,8 @@ class Checkpointer:
         """Rank 0, after every rank wrote its shards: rename, point `latest` at it, prune."""
         if dist.get_rank() != 0:
             return
+        if self.hf_meta is not None:
+            shutil.copytree(self.hf_meta, tmp / HF_META)
         tmp.rename(final)
         atomic_write_text(self.root / LATEST, f"{iteration}\n")
         done = sorted(p for p in self.root.glob("iter_*") if p.is_dir() and p.name[5:].isdigit())

@@ -35,15 +35,16 @@ def build_data(cfg: ExperimentConfig, dp_rank: int, dp_size: int) -> DataSource:
 
 
 def tokenizer_dir(cfg: ExperimentConfig) -> str:
-    """data.tokenizer, else the folder of checkpoint.pretrained when it holds a tokenizer."""
-    from pathlib import Path
+    """data.tokenizer, else the `hf_meta/` of the checkpoint the run starts from."""
+    from .checkpointing import find_hf_meta
 
     if cfg.data.tokenizer:
         return cfg.data.tokenizer
-    for folder in (cfg.checkpoint.pretrained, cfg.checkpoint.save):
-        if folder and (Path(folder) / "tokenizer_config.json").is_file():
-            return folder
-    raise ValueError("no tokenizer: set data.tokenizer to the Hugging Face model folder (it holds tokenizer.json)")
+    meta = find_hf_meta(cfg.checkpoint.pretrained, cfg.checkpoint.save)
+    if meta is not None and (meta / "tokenizer_config.json").is_file():
+        return str(meta)
+    raise ValueError("no tokenizer: set data.tokenizer to the Hugging Face model folder, or start from a "
+                     "checkpoint written by `qmm hf2mcore` (it carries hf_meta/ with the tokenizer)")
 
 
 def num_microbatches(cfg: ExperimentConfig, dp_size: int) -> int:

@@ -55,7 +55,8 @@ def run_training(cfg: ExperimentConfig, builder: Optional[ModelBuilder] = None,
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     rank, world = dist.get_rank(), dist.get_world_size()
     microbatches = data_mod.num_microbatches(cfg, dp)
-    ckpt = Checkpointer(cfg.checkpoint.save, cfg.checkpoint.keep_last, cfg.checkpoint.async_save)
+    ckpt = Checkpointer(cfg.checkpoint.save, cfg.checkpoint.keep_last, cfg.checkpoint.async_save,
+                        checkpointing.find_hf_meta(cfg.checkpoint.pretrained, cfg.checkpoint.save))
     resuming = cfg.checkpoint.save is not None and checkpointing.latest_iteration(cfg.checkpoint.save) is not None
 
     seed_everything(cfg.train.seed)
