@@ -112,12 +112,22 @@ class Quickstart:
 
         return resolve_checkpoint_dir(run_dir)
 
-    def generate(self, export: Path) -> str:
-        """Greedy reply of the exported model to an image question, with transformers."""
-        print("==> generate a reply with transformers", flush=True)
-        from ..hf.generate import generate_reply  # the Hugging Face model of the export (issue #7)
+    def generate(self, export: Path, max_new_tokens: int = 24) -> str:
+        """Greedy reply of the exported model to an image question, with transformers (the
+        package registers the Qwen-Merge classes with transformers' Auto classes)."""
+        import torch
+        from PIL import Image
+        from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        image = self.work / "data" / "images" / "0000.png"
-        reply = generate_reply(export, image, "What colour is the shape?", max_new_tokens=24)
+        print("==> generate a reply from the exported model with transformers", flush=True)
+        processor = AutoProcessor.from_pretrained(export)
+        model = AutoModelForImageTextToText.from_pretrained(export, dtype=torch.float32).eval()
+        image = Image.open(self.work / "data" / "images" / "0000.png").convert("RGB")
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the shape?"}]}]
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        inputs = processor(text=[prompt], images=[image], return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        reply = processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=False)
         print(f"    reply: {reply!r}", flush=True)
         return reply
