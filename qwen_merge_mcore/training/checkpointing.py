@@ -17,8 +17,11 @@ layout is unchanged (a torch_dist model and optimizer reload at any layout).
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import random
 import shutil
+import signal
+from multiprocessing.managers import SyncManager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -136,10 +139,36 @@ def find_hf_meta(pretrained: Optional[str], save: Optional[str]) -> Optional[Pat
     return None
 
 
+def _ignore_exit_signals() -> None:
+    for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(s, signal.SIG_IGN)
+
+
+_MANAGERS: list[SyncManager] = []
+
+
+def signal_proof_write_queue() -> None:
+    """Megatron's torch_dist writer returns its write results through a queue served by a
+    multiprocessing Manager process that it starts on first use and keeps
+    (`filesystem_async._results_queue`). Slurm sends SIGTERM to every process of a job step,
+    which kills that server, and the checkpoint the signal asks for then fails with a broken
+    pipe. Start the server here, ignoring the exit signals (the trainer handles them), before the
+    first save; it shuts down with this process."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        manager = SyncManager(ctx=mp.get_context("spawn"))
+        manager.start(initializer=_ignore_exit_signals)
+        _MANAGERS.append(manager)
+        filesystem_async._results_queue = manager.Queue()
+
+
 class Checkpointer:
     def __init__(self, save: Optional[str], keep_last: int, async_save: bool = False,
                  hf_meta: Optional[Path] = None):
         self.root = Path(save) if save else None
+        if self.root is not None:
+            signal_proof_write_queue()
         self.keep_last = keep_last
         # Copied into every checkpoint, so that `qmm mcore2hf` exports any of them.
         self.hf_meta = hf_meta
