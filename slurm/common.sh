@@ -42,8 +42,10 @@ run_stage() {  # run_stage <stage>
   # Slurm signals the batch shell (`--signal=B:USR1@...`) before the time limit; pass it to the
   # tasks, which checkpoint and exit, then requeue. SIGTERM (preemption, scancel) is forwarded
   # too; a preempting Slurm requeues the job itself (`--requeue`).
+  # --wait: once one task has exited, the others get that long before being killed (a crashed
+  # rank does not leave the rest hanging; after a signal every rank exits with 75 together).
   local requeue=0
-  srun --kill-on-bad-exit=1 "$PYTHON" -m qwen_merge_mcore "${args[@]}" &
+  srun --wait=120 "$PYTHON" -m qwen_merge_mcore "${args[@]}" &
   local srun_pid=$!
   trap 'echo "time limit near: checkpoint and requeue"; requeue=1; kill -USR1 $srun_pid' USR1
   trap 'echo "SIGTERM: checkpoint and stop"; kill -TERM $srun_pid' TERM
