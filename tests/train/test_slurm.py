@@ -17,7 +17,7 @@ from qwen_merge_mcore.training.checkpointing import latest_iteration
 from qwen_merge_mcore.training.quickstart import stage_config
 
 REPO = Path(__file__).resolve().parents[2]
-STEPS, INTERVAL = 12, 4
+STEPS, INTERVAL = 10, 3
 LINE = re.compile(r"\[stage3\] iter\s+(\d+)/\d+ \| loss ([0-9.]+)")
 
 
@@ -65,6 +65,8 @@ def test_sbatch_stage3_preempted_then_resumed(slurm, tiny, tmp_path):
     assert INTERVAL + 2 <= stopped_at < STEPS, _tail(out)
 
     slurm.run(["scontrol", "requeue", str(job)])
+    # Slurm makes a requeued job eligible only ~2 minutes later; the test does not wait for that.
+    slurm.run(["scontrol", "update", f"jobid={job}", "StartTime=now"])
     _wait_for(out, rf"resumed from .* at iteration {stopped_at}", 300, lambda: slurm.state(job))
     state = slurm.wait(job, timeout=300)
     assert state == ("COMPLETED", "0:0"), f"{state}\n{_tail(out)}"
