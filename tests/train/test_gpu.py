@@ -1,0 +1,49 @@
+"""On a GPU: the 4B preset's shapes (Qwen2.5-VL-72B ViT, Qwen3-4B widths) at reduced depth,
+trained for a few steps under FP8 with the GPU engine (Megatron-Core DDP, distributed
+optimizer, schedules), must log TFLOP/s per GPU and MFU."""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qwen_merge_mcore.fixtures.tiny_data import make_tiny_data
+from qwen_merge_mcore.training.quickstart import stage_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.gpu
+def test_4b_shapes_fp8_log_tflops_and_mfu(tiny, tmp_path):
+    make_tiny_data(tmp_path / "data", samples=32, size=224)
+    config = tmp_path / "stage3.yaml"
+    config.write_text(stage_config("stage3", tmp_path))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # The tiny tokenizer's special-token ids, so that its placeholders are the model's.
+    overrides = [
+        "model.preset=qwen-merge-72bvit-4b", "model.backend=te", "model.language.num_layers=4",
+        "model.vision.depth=4", "model.vision.fullatt_block_indexes=[1,3]", "model.image_token_id=6",
+        "model.video_token_id=7", "model.vision_start_token_id=3", "model.vision_end_token_id=4",
+        "parallel.tensor_model_parallel_size=1", "precision.params_dtype=bf16", "precision.fp8=hybrid",
+        "precision.num_layers_at_start_in_bf16=0", "precision.num_layers_at_end_in_bf16=0",
+        "train.engine=gpu", "train.train_iters=6", "train.global_batch_size=2", "data.seq_length=2048",
+        "data.max_pixels=50176", "checkpoint.pretrained=", f"data.tokenizer={tiny['qwen3']}",
+        f"checkpoint.save={tmp_path / 'run'}", "checkpoint.save_interval=6",
+    ]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=1", f"--master-port={port}",
+                           "-m", "qwen_merge_mcore", "train", "--config", str(config), *overrides],
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-5000:]
+    rates = re.findall(r"([0-9.]+) TFLOP/s/GPU \| MFU\s+([0-9.]+)%", log)
+    assert len(rates) == 6, log[-5000:]
+    tflops, mfu = map(float, rates[-1])
+    assert tflops > 0 and 0 < mfu < 100, rates
+    print(f"4B shapes, 4 layers, FP8: {tflops:.1f} TFLOP/s/GPU, MFU {mfu:.1f}%")

@@ -1,0 +1,77 @@
+"""Single-process pieces of the training system: LR schedule, micro-batch arithmetic, checkpoint
+markers, freeze checks, the sbatch scripts' shell syntax."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from qwen_merge_mcore.config import TrainConfig
+from qwen_merge_mcore.training import checkpointing
+from qwen_merge_mcore.training.data import num_microbatches
+from qwen_merge_mcore.training.model_provider import check_freeze
+from qwen_merge_mcore.training.optim import build_scheduler, param_groups
+
+from .helpers import tiny_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_lr_warmup_then_cosine():
+    layer = torch.nn.Linear(4, 4)
+    opt = torch.optim.AdamW(param_groups(layer, 0.1), lr=1.0)
+    train = TrainConfig(lr=1e-3, min_lr=1e-5, lr_warmup_fraction=0.1, train_iters=100, weight_decay=0.1)
+    sched = build_scheduler(opt, train, 100)
+    lrs = []
+    for _ in range(101):
+        lrs.append(opt.param_groups[0]["lr"])
+        sched.step(1)
+    assert lrs[0] == 0.0 and lrs[5] == pytest.approx(5e-4) and lrs[10] == pytest.approx(1e-3)
+    # Cosine from max_lr at the end of warmup down to min_lr at the last step.
+    assert lrs[55] == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lrs[100] == pytest.approx(1e-5)
+    # Weight decay only on matrices, none on biases.
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+
+
+def test_microbatches_must_divide():
+    cfg = tiny_config(train={"global_batch_size": 8, "micro_batch_size": 2})
+    assert num_microbatches(cfg, 2) == 2
+    with pytest.raises(ValueError, match="not a multiple of micro_batch_size x data-parallel size = 2 x 3"):
+        num_microbatches(cfg, 3)
+
+
+def test_latest_marker(tmp_path):
+    assert checkpointing.latest_iteration(tmp_path) is None
+    (tmp_path / checkpointing.LATEST).write_text("12\n")
+    with pytest.raises(FileNotFoundError, match="names iteration 12"):
+        checkpointing.latest_iteration(tmp_path)
+    (tmp_path / "iter_0000012").mkdir()
+    assert checkpointing.latest_iteration(tmp_path) == 12
+    assert checkpointing.resolve_checkpoint_dir(tmp_path) == tmp_path / "iter_0000012"
+    with pytest.raises(FileNotFoundError, match="neither a torch_dist checkpoint"):
+        checkpointing.resolve_checkpoint_dir(tmp_path / "iter_0000012")
+
+
+def test_freeze_check_refuses_a_silent_no_op():
+    report = {"vision": {"trainable": 10, "frozen": 0}, "projector": {"trainable": 5, "frozen": 0},
+              "language": {"trainable": 0, "frozen": 7}}
+    with pytest.raises(RuntimeError, match="part 'vision' should be frozen but has 10 trainable"):
+        check_freeze(report, ["vision", "language"])
+    report["vision"] = {"trainable": 0, "frozen": 10}
+    check_freeze(report, ["vision", "language"])
+
+
+def test_sbatch_scripts_parse():
+    scripts = sorted((REPO / "slurm").glob("*.sbatch")) + [REPO / "slurm" / "common.sh"]
+    assert {p.name for p in scripts} >= {"stage1.sbatch", "stage2.1.sbatch", "stage2.2.sbatch", "stage3.sbatch",
+                                         "convert.sbatch", "export.sbatch"}
+    for script in scripts:
+        assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0, script
+    for stage in ("stage1", "stage2.1", "stage2.2", "stage3"):
+        text = (REPO / "slurm" / f"{stage}.sbatch").read_text()
+        assert "#SBATCH --requeue" in text and "#SBATCH --signal=B:USR1@" in text
