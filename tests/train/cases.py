@@ -127,6 +127,43 @@ def nan_cases(root: str) -> dict:
     return out
 
 
+def averaging_case(tp: int) -> dict:
+    """The step's loss is the mean over every assistant token of all micro-batches and DP ranks
+    (not a mean of per-micro-batch means), and the gradients are those of that mean."""
+    from megatron.core import parallel_state
+
+    from qwen_merge_mcore.training.cpu_engine import CPUEngine
+    from qwen_merge_mcore.training.loop import seed_everything
+    from qwen_merge_mcore.training.loss import model_forward
+    from qwen_merge_mcore.training.model_provider import build_chunks
+
+    dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    cfg = toy_config(tp=tp, train={"global_batch_size": 3 * dp, "lr": 1e-3, "clip_grad": 0.0})
+    seed_everything(cfg.train.seed)
+    engine = CPUEngine(cfg, build_chunks(cfg, BUILDER))
+    source = _data(cfg, rank, dp)
+    batches = [next(source) for _ in range(3)]
+    model = engine.models[0]
+    sums = torch.zeros(2, dtype=torch.float64)
+    means = []
+    for b in batches:  # reference: one graph over all micro-batches of this rank
+        per_token = model_forward(model, b)
+        sums += torch.stack([(per_token * b.loss_mask).sum(), b.loss_mask.sum()]).double().detach()
+        means.append(float((per_token * b.loss_mask).sum() / b.loss_mask.sum()))
+    totals = sums.clone()
+    dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+    ref = sum((model_forward(model, b) * b.loss_mask).sum() for b in batches) / float(totals[1])
+    ref.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    for g in ref_grads.values():
+        dist.all_reduce(g, group=parallel_state.get_data_parallel_group())
+    result = engine.train_step(iter(batches), 3)
+    grad_diff = max(float((p.grad - ref_grads[n]).abs().max()) for n, p in model.named_parameters()
+                    if p.requires_grad and "layernorm" not in n)
+    return {"loss": result.loss, "expected": float(totals[0] / totals[1]), "naive": sum(means) / len(means),
+            "tokens": result.num_tokens, "expected_tokens": int(totals[1]), "grad_diff": grad_diff}
+
+
 def all_cases(root: str, tp: int) -> dict:
     return {"resume": resume_and_checkpoint_cases(f"{root}/resume", tp), "freeze": freeze_cases(f"{root}/freeze"),
-            "nan": nan_cases(f"{root}/nan")}
+            "nan": nan_cases(f"{root}/nan"), "averaging": averaging_case(tp)}

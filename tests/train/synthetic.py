@@ -53,7 +53,7 @@ class SyntheticData:
                                               video_token_id=m.video_token_id,
                                               spatial_merge_size=m.vision.spatial_merge_size) for r in rows], dim=1)
         loss_mask = torch.zeros(self.mb, s)
-        loss_mask[:, s // 2:] = 1.0
+        loss_mask[:, s // 2 + 6 * (self.index % 3):] = 1.0  # micro-batches differ in loss tokens
         pixels = torch.randn(self.mb * GRID[0] * GRID[1] * GRID[2], self.patch_dim, generator=g)
         return Batch(tokens=tokens[:, :-1].contiguous(), labels=tokens[:, 1:].contiguous(), loss_mask=loss_mask,
                      position_ids=pos, images=VisionInput(pixels, grid))

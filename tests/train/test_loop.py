@@ -54,3 +54,23 @@ def test_non_finite_steps_are_skipped_then_abort(results):
     assert r["nan_steps"] == 2
     assert [math.isnan(x) for x in r["losses"]] == [False, True, True, False]
     assert "3 steps had a non-finite loss" in r["aborted"]
+
+
+def _check_averaging(r):
+    assert r["tokens"] == r["expected_tokens"]
+    # Same float64 reduction of the same fp32 per-token losses: equal to rounding.
+    assert abs(r["loss"] - r["expected"]) < 1e-9, r
+    assert abs(r["naive"] - r["expected"]) > 1e-4, r  # the micro-batches' token counts differ
+    # The engine's accumulated, all-reduced, token-normalised gradients equal the gradients of the
+    # global mean; 1e-6 absorbs fp32 summation-order differences on grads of order 1e-2.
+    assert r["grad_diff"] < 1e-6, r
+
+
+def test_loss_is_averaged_over_tokens_of_all_microbatches(results):
+    _check_averaging(results["averaging"])
+
+
+def test_loss_is_averaged_over_tokens_of_all_dp_ranks(distributed):
+    r = distributed(cases.averaging_case, world_size=2, tp=1, args=(1,))
+    _check_averaging(r[0])
+    assert r[0]["loss"] == r[1]["loss"]
