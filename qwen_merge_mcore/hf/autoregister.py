@@ -3,7 +3,8 @@
 `import qwen_merge_mcore` must stay cheap (the CLI imports it), while transformers' auto modules
 cost seconds. So the registration runs right after transformers itself imports the auto module
 concerned: AutoConfig after `configuration_auto`, the model classes after `modeling_auto`,
-AutoProcessor after `processing_auto`; modules already imported are handled at once.
+AutoProcessor after `processing_auto`; modules already imported are handled at once. An import
+hook (a meta path finder wrapping the loaders of transformers' modules) notices those imports.
 Standard library only.
 """
 
@@ -44,33 +45,35 @@ def _register_processor() -> None:
     AutoProcessor.register(Qwen2_5_VL_MergeConfig, Qwen2_5_VL_MergeProcessor, exist_ok=True)
 
 
-_TM = "transformers.models."
-_OURS = "qwen_merge_mcore.hf.remote_code."
-_CONFIG_DEPS = (_TM + "qwen2_5_vl.configuration_qwen2_5_vl", _TM + "qwen3.configuration_qwen3",
-                _OURS + "configuration_qwen2_5_vl_merge")
-# Each step: (the auto module that must be loaded, the modules the step imports, none of which may
-# be half-initialised when it runs, the step). transformers imports its auto modules from inside
-# its model modules, and ours import transformers', so a step that cannot run yet is retried
-# whenever one of those modules finishes loading.
+# A step runs once its auto module is loaded and no module of transformers (or of our remote
+# code) is half-initialised: transformers imports its auto modules from inside other modules, and
+# our classes import transformers'. Every such module that finishes loading retries the steps, so
+# the outermost one of an import chain runs them.
 _STEPS = [
-    (_AUTO + "configuration_auto", _CONFIG_DEPS, _register_config),
-    (_AUTO + "modeling_auto", _CONFIG_DEPS + (_TM + "qwen2_5_vl.modeling_qwen2_5_vl", _TM + "qwen3.modeling_qwen3",
-                                              _OURS + "modeling_qwen2_5_vl_merge"), _register_models),
-    (_AUTO + "processing_auto", _CONFIG_DEPS + (_TM + "qwen2_5_vl.processing_qwen2_5_vl",
-                                                _OURS + "processing_qwen2_5_vl_merge"), _register_processor),
+    (_AUTO + "configuration_auto", _register_config),
+    (_AUTO + "modeling_auto", _register_models),
+    (_AUTO + "processing_auto", _register_processor),
 ]
-_WATCHED = {name for trigger, deps, _ in _STEPS for name in (trigger, *deps)}
+_WATCHED_PREFIXES = ("transformers.", "qwen_merge_mcore.hf.remote_code.")
 _done: set = set()
 _busy: list = []
 
 
+def _watched(name: str) -> bool:
+    return name == "transformers" or name.startswith(_WATCHED_PREFIXES)
+
+
+def _initializing(module) -> bool:
+    return getattr(getattr(module, "__spec__", None), "_initializing", False)
+
+
 def _loaded(name: str) -> bool:
     module = sys.modules.get(name)
-    return module is not None and not getattr(getattr(module, "__spec__", None), "_initializing", False)
+    return module is not None and not _initializing(module)
 
 
-def _initializing(name: str) -> bool:
-    return name in sys.modules and not _loaded(name)
+def _quiet() -> bool:
+    return not any(_watched(name) and _initializing(module) for name, module in list(sys.modules.items()))
 
 
 def _run_ready() -> None:
@@ -83,8 +86,8 @@ def _run_ready() -> None:
         progress = True
         while progress:
             progress = False
-            for trigger, deps, step in _STEPS:
-                if step in _done or not _loaded(trigger) or any(_initializing(d) for d in deps):
+            for trigger, step in _STEPS:
+                if step in _done or not _loaded(trigger) or not _quiet():
                     continue
                 _done.add(step)
                 progress = True
@@ -101,6 +104,9 @@ class _Loader(importlib.abc.Loader):
     def __init__(self, loader: importlib.abc.Loader, name: str) -> None:
         self._loader, self._name = loader, name
 
+    def __getattr__(self, name):  # get_source, get_filename, ... of the real loader
+        return getattr(self._loader, name)
+
     def create_module(self, spec):
         return self._loader.create_module(spec)
 
@@ -112,7 +118,7 @@ class _Loader(importlib.abc.Loader):
 
 class _Finder(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname, path, target=None):
-        if fullname not in _WATCHED:
+        if not _watched(fullname):
             return None
         spec = importlib.machinery.PathFinder.find_spec(fullname, path)
         if spec is not None and spec.loader is not None:

@@ -67,6 +67,9 @@ class Qwen2_5_VL_MergeConfig(PreTrainedConfig):
             elif value is None:
                 value = cls()
             setattr(self, key, value)
+        # One switch for tied embeddings: the top level (where transformers v5 looks) wins, the
+        # text config (what vLLM's Qwen3 reads) follows it.
+        self.text_config.tie_word_embeddings = self.tie_word_embeddings
         super().__post_init__(**kwargs)
         if self.vision_config.out_hidden_size2 != self.text_config.hidden_size:
             raise ValueError(f"vision_config.out_hidden_size2 ({self.vision_config.out_hidden_size2}) must equal "
