@@ -14,21 +14,27 @@ from collections.abc import Iterable, Mapping
 
 import torch
 import torch.nn as nn
-from vllm.config import VllmConfig
-from vllm.model_executor.layers.linear import RowParallelLinear
-from vllm.model_executor.models.qwen2_5_vl import (
+
+from . import compat
+
+compat.apply()  # before vLLM's qwen2_vl imports transformers' torchvision-only module
+
+from vllm.config import VllmConfig  # noqa: E402
+from vllm.model_executor.layers.linear import RowParallelLinear  # noqa: E402
+from vllm.model_executor.models.qwen2_5_vl import (  # noqa: E402
     Qwen2_5_VisionTransformer,
     Qwen2_5_VLDummyInputsBuilder,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2_5_VLMultiModalProcessor,
     Qwen2_5_VLProcessingInfo,
 )
-from vllm.model_executor.models.utils import init_vllm_registered_model, maybe_prefix
-from vllm.model_executor.models.vision import is_vit_use_data_parallel
-from vllm.model_executor.models.vision import build_mm_input_norm
-from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.model_executor.models.utils import init_vllm_registered_model, maybe_prefix  # noqa: E402
+from vllm.model_executor.layers.fusion.mm_input_norm import build_mm_input_norm  # noqa: E402
+from vllm.model_executor.models.vision import is_vit_use_data_parallel  # noqa: E402
+from vllm.multimodal import MULTIMODAL_REGISTRY  # noqa: E402
 
-from ..hf.remote_code.modeling_qwen2_5_vl_merge import validate_checkpoint_folder
+from ..hf.remote_code.modeling_qwen2_5_vl_merge import validate_checkpoint_folder  # noqa: E402
+from ..hf.remote_code.processing_qwen2_5_vl_merge import Qwen2_5_VL_MergeProcessor  # noqa: E402
 
 
 class Qwen2_5_VL_MergeProcessingInfo(Qwen2_5_VLProcessingInfo):
@@ -38,6 +44,10 @@ class Qwen2_5_VL_MergeProcessingInfo(Qwen2_5_VLProcessingInfo):
         if getattr(config, "model_type", None) != "qwen2_5_vl_merge":
             raise ValueError(f"expected a qwen2_5_vl_merge config, got model_type {config.model_type!r}")
         return config
+
+    def get_hf_processor(self, **kwargs: object) -> Qwen2_5_VL_MergeProcessor:
+        # Qwen2.5-VL's processor with the video part optional (it needs torchvision).
+        return self.ctx.get_hf_processor(Qwen2_5_VL_MergeProcessor, **kwargs)
 
     def get_supported_mm_limits(self) -> Mapping[str, int | None]:
         # transformers' Qwen2-VL video processor needs torchvision; without it, images only.
