@@ -49,9 +49,12 @@ def main() -> None:
         if image is not None:
             request["multi_modal_data"] = {"image": Image.open(image).convert("RGB")}
         requests.append(request)
-    params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True, logprobs=1)
+    result["logprobs"] = []
     for output in llm.generate(requests, params, use_tqdm=False):
-        result["tokens"].append(list(output.outputs[0].token_ids))
+        completion = output.outputs[0]
+        result["tokens"].append(list(completion.token_ids))
+        result["logprobs"].append([step[tok].logprob for step, tok in zip(completion.logprobs, completion.token_ids)])
     _release(llm)
     for folder in spec.get("bad", []):
         try:
