@@ -170,6 +170,28 @@ def test_generate_with_cache_equals_recomputation(loaded, image):
         assert got == want, content
 
 
+def test_decode_step_uses_cached_rope_deltas(loaded, image):
+    """A decoding step given only the new token and the cache (no position ids) is placed with
+    the rope delta cached from the image prompt, as a full recomputation places it."""
+    model, processor = loaded
+    inputs = dict(hf_inputs(processor, IMAGE_PROMPT, image))
+    inputs.pop("mm_token_type_ids", None)
+    with torch.no_grad():
+        model.rope_deltas = None
+        prompt = model(**inputs, use_cache=True)
+        token = prompt.logits[:, -1].argmax(-1, keepdim=True)
+        mask = torch.cat([inputs["attention_mask"], torch.ones_like(token)], dim=1)
+        step = model(input_ids=token, attention_mask=mask, past_key_values=prompt.past_key_values,
+                     use_cache=True).logits[0, -1]
+        model.rope_deltas = None
+        full = model(input_ids=torch.cat([inputs["input_ids"], token], dim=1), pixel_values=inputs["pixel_values"],
+                     image_grid_thw=inputs["image_grid_thw"]).logits[0, -1]
+    # 12 image tokens on a 3x4 merged grid take 4 positions: the text after them is 8 behind.
+    assert prompt.rope_deltas.tolist() == [[-8]]
+    # fp32, cached vs recomputed K/V; ignoring the delta moves logits by ~0.1.
+    torch.testing.assert_close(step, full, rtol=0, atol=1e-4)
+
+
 REMOTE_SCRIPT = textwrap.dedent("""
     import importlib.util, json, sys
     import torch
