@@ -98,6 +98,8 @@ def _run_ready() -> None:
                                   f"({step.__name__}): {exc!r}", stacklevel=2)
     finally:
         _busy.clear()
+    if len(_done) == len(_STEPS):  # nothing left to watch for; rebinding is safe mid-import
+        sys.meta_path = [f for f in sys.meta_path if not isinstance(f, _Finder)]
 
 
 class _Loader(importlib.abc.Loader):
@@ -128,6 +130,6 @@ class _Finder(importlib.abc.MetaPathFinder):
 
 def install() -> None:
     """Register now for the auto modules already imported, later for the others (idempotent)."""
-    if not any(isinstance(f, _Finder) for f in sys.meta_path):
+    if len(_done) < len(_STEPS) and not any(isinstance(f, _Finder) for f in sys.meta_path):
         sys.meta_path.insert(0, _Finder())
     _run_ready()
