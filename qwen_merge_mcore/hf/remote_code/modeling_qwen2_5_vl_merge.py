@@ -162,7 +162,8 @@ class Qwen2_5_VL_MergeForConditionalGeneration(Qwen2_5_VL_MergePreTrainedModel, 
         position_ids = torch.zeros(3, *input_ids.shape, dtype=torch.long, device=input_ids.device)
         deltas = []
         for b in range(input_ids.shape[0]):
-            keep = attention_mask[b].bool() if attention_mask is not None else torch.ones_like(input_ids[b], dtype=torch.bool)
+            keep = (attention_mask[b].bool() if attention_mask is not None
+                    else torch.ones_like(input_ids[b], dtype=torch.bool))
             ids = input_ids[b][keep].tolist()
             chunks, start, i = [], 0, 0
             while i < len(ids):
@@ -226,7 +227,8 @@ class Qwen2_5_VL_MergeForConditionalGeneration(Qwen2_5_VL_MergePreTrainedModel, 
         if inputs_embeds is None:
             inputs_embeds = self.model.embed_tokens(input_ids)
         if pixel_values is not None:
-            inputs_embeds = self._scatter(input_ids, inputs_embeds, self.get_image_features(pixel_values, image_grid_thw),
+            inputs_embeds = self._scatter(input_ids, inputs_embeds,
+                                          self.get_image_features(pixel_values, image_grid_thw),
                                           self.config.image_token_id, "image")
         if pixel_values_videos is not None:
             inputs_embeds = self._scatter(input_ids, inputs_embeds,
@@ -263,7 +265,8 @@ class Qwen2_5_VL_MergeForConditionalGeneration(Qwen2_5_VL_MergePreTrainedModel, 
         if "input_ids" in model_kwargs and model_kwargs["input_ids"].shape[1] > 0:
             inputs_tensor = model_kwargs["input_ids"]
         is_ids = inputs_tensor.ndim == 2 and inputs_tensor.dtype in (torch.int, torch.long)
-        if is_ids and (model_kwargs.get("image_grid_thw") is not None or model_kwargs.get("video_grid_thw") is not None):
+        has_grids = model_kwargs.get("image_grid_thw") is not None or model_kwargs.get("video_grid_thw") is not None
+        if is_ids and has_grids:
             vision_positions, self.rope_deltas = self.get_rope_index(
                 inputs_tensor, model_kwargs.get("image_grid_thw"), model_kwargs.get("video_grid_thw"),
                 model_kwargs.get("second_per_grid_ts"), model_kwargs.get("attention_mask"))
