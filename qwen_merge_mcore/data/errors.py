@@ -45,8 +45,9 @@ class BadSampleCounter:
     def ok(self) -> None:
         self.seen += 1
 
-    def skip(self, row_id: str, err: BadSample) -> None:
-        self.seen += 1
+    def skip(self, row_id: str, err: BadSample, already_seen: bool = False) -> None:
+        """`already_seen`: the sample was counted by `ok()` before it turned out bad (at decode)."""
+        self.seen += 0 if already_seen else 1
         self.counts[err.reason] += 1
         log.warning("skipping sample %s (%s): %s", row_id, err.reason, err.detail)
         judge_after = math.ceil(1 / self.max_bad_fraction) if self.max_bad_fraction > 0 else 1

@@ -51,8 +51,8 @@ def probe_video(data: bytes) -> VideoInfo:
             stream = container.streams.video[0]
             fps = float(stream.average_rate or stream.guessed_rate or 0)
             frames = stream.frames
-            if not frames and stream.duration and stream.time_base:
-                frames = int(round(float(stream.duration * stream.time_base) * fps))
+            if not frames:  # WebM/MKV do not record it: count packets (no decoding)
+                frames = sum(1 for p in container.demux(stream) if p.size)
             info = VideoInfo(stream.codec_context.name, int(frames), fps, stream.height, stream.width)
     except (av.FFmpegError, IndexError, ValueError) as err:
         raise BadSample("bad_video", f"unreadable video: {err}") from None
