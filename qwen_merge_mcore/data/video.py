@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .errors import BadSample
-from .vision import VisionSpec, dali_to_torch, patchify, resize_normalize, smart_resize
+from .vision import VisionSpec, dali_error, dali_to_torch, patchify, resize_normalize, smart_resize
 
 DALI_CPU_CODECS = {"vp8", "vp9", "mjpeg"}
 
@@ -100,7 +100,7 @@ class VideoProcessor:
                 chw = self._frames(self._pyav_decode(data, plan), plan)
         except RuntimeError as err:
             self._decode_pipe = self._frames_pipe = None  # a failed DALI pipeline cannot be reused
-            raise BadSample("bad_video", f"failed to decode: {str(err).strip().splitlines()[-1][:200]}") from None
+            raise BadSample("bad_video", f"failed to decode: {dali_error(err)}") from None
         if chw.shape[0] != len(plan.frames):
             raise BadSample("bad_video", f"decoded {chw.shape[0]} frames, expected {len(plan.frames)}")
         return ProcessedVideo(patchify(chw, self.spec), plan.grid_thw, plan.second_per_grid_t)

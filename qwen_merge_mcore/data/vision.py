@@ -158,6 +158,15 @@ def _build_image_pipeline(batch_size: int, device_id: Optional[int], num_threads
     return pipe
 
 
+def dali_error(err: Exception) -> str:
+    """The informative line of a DALI pipeline error (they end in boilerplate)."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    for ln in lines:
+        if "Could not" in ln or "not supported" in ln or "Error" in ln and "operator" not in ln:
+            return ln[:200]
+    return (lines[0] if lines else type(err).__name__)[:200]
+
+
 def dali_to_torch(tensor_list, index: int) -> torch.Tensor:
     """One sample of a DALI output as a torch tensor on the same device (copy)."""
     from nvidia.dali.backend import TensorGPU
@@ -205,8 +214,8 @@ class ImageProcessor:
                         out.extend(self._run([data]))
                     except RuntimeError as err:
                         self._pipe = None
-                        raise BadSample("bad_image", f"image {start + i} failed to decode: "
-                                        f"{str(err).strip().splitlines()[-1][:200]}", index=start + i) from None
+                        raise BadSample("bad_image", f"image {start + i} failed to decode: {dali_error(err)}",
+                                        index=start + i) from None
         return out
 
     def _run(self, chunk: Sequence[bytes]) -> list[ProcessedImage]:

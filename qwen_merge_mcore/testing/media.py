@@ -43,3 +43,20 @@ def make_video(num_frames: int, height: int, width: int, fps: int = 10, codec: s
         for packet in stream.encode():
             out.mux(packet)
     return buf.getvalue()
+
+
+def write_rows(path, rows: list[dict]) -> str:
+    """Rows to .jsonl or .parquet (by extension); returns the path."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=4)
+    else:
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return str(path)
