@@ -39,14 +39,20 @@ def detect_format(row: dict) -> str:
     raise BadSample("malformed_row", f"neither 'messages' nor 'conversations' in columns {sorted(row)}")
 
 
+def row_label(row: Any, row_id: str) -> str:
+    """`<dataset>:<index>`, plus the row's own `id` column when it has one."""
+    if isinstance(row, dict) and row.get("id") is not None:
+        return f"{row_id}:{row['id']}"
+    return row_id
+
+
 def to_sample(row: Any, fmt: str, row_id: str, data_root: str) -> Sample:
     """Raises BadSample('malformed_row' or 'image_token_mismatch') for rows it cannot use."""
     if not isinstance(row, dict):
         raise BadSample("malformed_row", f"row is a {type(row).__name__}, not an object")
     if fmt == "auto":
         fmt = detect_format(row)
-    if "id" in row and row["id"] is not None:
-        row_id = f"{row_id}:{row['id']}"
+    row_id = row_label(row, row_id)
     try:
         sample = _PARSERS[fmt](row, row_id, data_root)
     except (KeyError, TypeError, AttributeError) as err:

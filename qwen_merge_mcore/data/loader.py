@@ -20,7 +20,7 @@ import torch
 from ..batch import Batch, VisionInput
 from ..positions import mrope_position_ids
 from .errors import BadSample, BadSampleCounter, log
-from .formats import to_sample
+from .formats import row_label, to_sample
 from .mixture import Mixture
 from .packing import PackedSample, collate_packed, first_fit_decreasing
 from .readers import dataset_files, open_rows
@@ -75,6 +75,7 @@ class TrainIterator:
         self.pass_index, self.window_index, self.bins_done = 0, 0, 0
         self._order: Optional[np.ndarray] = None
         self._bins: Optional[list[list[PackedSample]]] = None
+        self.last_row_ids: list[str] = []  # the samples of the batch last returned (for logs)
 
     @staticmethod
     def _open(i: int, ds) -> _Dataset:
@@ -127,11 +128,11 @@ class TrainIterator:
     # -- one sample ---------------------------------------------------------------------------
     def _prepare(self, ds_index: int, row_index: int) -> Optional[PackedSample]:
         ds = self.datasets[ds_index]
-        row_id = f"{ds.name}:{row_index}"
+        row_id = base_id = f"{ds.name}:{row_index}"
         try:
             row = ds.rows[row_index]
-            sample = to_sample(row, ds.fmt, row_id, ds.data_root)
-            row_id = sample.row_id
+            row_id = row_label(row, base_id)
+            sample = to_sample(row, ds.fmt, base_id, ds.data_root)
             images = [_read_media(m, "image") for m in sample.images]
             grids = [self.spec.image_grid(*image_size(data)) for data in images]
             videos = [_read_media(m, "video") for m in sample.videos]
@@ -179,6 +180,7 @@ class TrainIterator:
             vgrids += [v.grid_thw for v in vids]
         if not kept:
             return None
+        self.last_row_ids = [s.row_id for s in kept]
         return collate_packed(kept, self.pad_id, self.cfg.pad_to_multiple_of, self.pad_to,
                               _vision(pixels, grids), _vision(vpixels, vgrids))
 

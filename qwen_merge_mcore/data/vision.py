@@ -159,12 +159,13 @@ def _build_image_pipeline(batch_size: int, device_id: Optional[int], num_threads
 
 
 def dali_error(err: Exception) -> str:
-    """The informative line of a DALI pipeline error (they end in boilerplate)."""
+    """The informative line of a DALI pipeline error (the rest is traceback boilerplate)."""
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-    for ln in lines:
-        if "Could not" in ln or "not supported" in ln or "Error" in ln and "operator" not in ln:
-            return ln[:200]
-    return (lines[0] if lines else type(err).__name__)[:200]
+    for key in ("Failed to decode", "Could not", "not supported", "Assert on"):
+        for ln in lines:
+            if key in ln:
+                return ln.rstrip(" :")[:200]
+    return (lines[-1] if lines else type(err).__name__)[:200]
 
 
 def dali_to_torch(tensor_list, index: int) -> torch.Tensor:
