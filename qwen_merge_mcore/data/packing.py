@@ -90,3 +90,20 @@ def collate_packed(samples: Sequence[PackedSample], pad_id: int, pad_to_multiple
     return Batch(tokens=tokens[None], labels=labels[None], loss_mask=loss_mask[None],
                  position_ids=positions[:, None], cu_seqlens=torch.tensor(cu, dtype=torch.int32),
                  images=images, videos=videos)
+
+
+def packing_efficiency(lengths: Sequence[int], capacity: int, pad_to_multiple_of: int, window: int) -> float:
+    """Real tokens / tokens computed when each window of samples is packed FFD (as the loader does)."""
+    computed = 0
+    for start in range(0, len(lengths), window):
+        chunk = lengths[start:start + window]
+        for b in first_fit_decreasing(chunk, capacity):
+            computed += padded_length(sum(chunk[i] for i in b), pad_to_multiple_of)
+    return sum(lengths) / computed
+
+
+def batch_max_efficiency(lengths: Sequence[int], batch_size: int) -> float:
+    """The baseline: consecutive batches of `batch_size` samples, each padded to the batch maximum."""
+    computed = sum(max(lengths[i:i + batch_size]) * len(lengths[i:i + batch_size])
+                   for i in range(0, len(lengths), batch_size))
+    return sum(lengths) / computed
