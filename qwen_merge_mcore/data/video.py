@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .errors import BadSample
-from .vision import VisionSpec, dali_error, dali_to_torch, patchify, resize_normalize, smart_resize
+from .vision import VisionSpec, dali_error, dali_to_torch, patch_graph, patch_shape, smart_resize
 
 DALI_CPU_CODECS = {"vp8", "vp9", "mjpeg"}
 
@@ -95,25 +95,31 @@ class VideoProcessor:
         on_gpu = self.device_id is not None
         try:
             if on_gpu or info.codec in DALI_CPU_CODECS:
-                chw = self._dali_decode(data, plan)
+                patches = self._dali_decode(data, plan)
             else:
-                chw = self._frames(self._pyav_decode(data, plan), plan)
+                patches = self._frames(self._pyav_decode(data, plan), plan)
         except RuntimeError as err:
-            self._decode_pipe = self._frames_pipe = None  # a failed DALI pipeline cannot be reused
+            # A failed DALI pipeline cannot be reused; a short clip fails the patch reshape.
+            self._decode_pipe = self._frames_pipe = None
             raise BadSample("bad_video", f"failed to decode: {dali_error(err)}") from None
-        if chw.shape[0] != len(plan.frames):
-            raise BadSample("bad_video", f"decoded {chw.shape[0]} frames, expected {len(plan.frames)}")
-        return ProcessedVideo(patchify(chw, self.spec), plan.grid_thw, plan.second_per_grid_t)
+        p = self.spec.patch_size
+        # reshape of the view copies only when needed; clone() so the tensor outlives DALI's buffer.
+        return ProcessedVideo(patches.reshape(-1, 3 * self.spec.temporal_patch_size * p * p).clone(), plan.grid_thw,
+                              plan.second_per_grid_t)
 
     def _dali_decode(self, data: bytes, plan: VideoPlan) -> torch.Tensor:
         if self._decode_pipe is None:
-            self._decode_pipe = _build_video_pipeline(self.device_id, self.num_threads, decode=True)
+            self._decode_pipe = _build_video_pipeline(self.device_id, self.num_threads, self.spec, decode=True)
         pipe = self._decode_pipe
         pipe.feed_input("encoded", [np.frombuffer(data, dtype=np.uint8)])
         pipe.feed_input("frames", [np.array(plan.frames, dtype=np.int32)])
-        pipe.feed_input("size", [np.array(plan.size, dtype=np.float32)])
+        self._feed_plan(pipe, plan)
         (out,) = pipe.run()
         return dali_to_torch(out, 0)
+
+    def _feed_plan(self, pipe, plan: VideoPlan) -> None:
+        pipe.feed_input("size", [np.array(plan.size, dtype=np.float32)])
+        pipe.feed_input("shape", [np.array(patch_shape(len(plan.frames), *plan.size, self.spec), dtype=np.int32)])
 
     def _pyav_decode(self, data: bytes, plan: VideoPlan) -> np.ndarray:
         import av
@@ -137,15 +143,15 @@ class VideoProcessor:
 
     def _frames(self, frames: np.ndarray, plan: VideoPlan) -> torch.Tensor:
         if self._frames_pipe is None:
-            self._frames_pipe = _build_video_pipeline(self.device_id, self.num_threads, decode=False)
+            self._frames_pipe = _build_video_pipeline(self.device_id, self.num_threads, self.spec, decode=False)
         pipe = self._frames_pipe
         pipe.feed_input("frames_in", [frames], layout="FHWC")
-        pipe.feed_input("size", [np.array(plan.size, dtype=np.float32)])
+        self._feed_plan(pipe, plan)
         (out,) = pipe.run()
         return dali_to_torch(out, 0)
 
 
-def _build_video_pipeline(device_id: Optional[int], num_threads: int, decode: bool):
+def _build_video_pipeline(device_id: Optional[int], num_threads: int, spec: VisionSpec, decode: bool):
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
     from nvidia.dali import pipeline_def
@@ -154,6 +160,7 @@ def _build_video_pipeline(device_id: Optional[int], num_threads: int, decode: bo
                   prefetch_queue_depth=1)
     def graph():
         size = fn.external_source(name="size", dtype=types.FLOAT)
+        shape = fn.external_source(name="shape", dtype=types.INT32)
         if decode:
             encoded = fn.external_source(name="encoded", dtype=types.UINT8)
             frames = fn.external_source(name="frames", dtype=types.INT32)
@@ -162,7 +169,7 @@ def _build_video_pipeline(device_id: Optional[int], num_threads: int, decode: bo
             clip = fn.external_source(name="frames_in", dtype=types.UINT8, layout="FHWC")
             if device_id is not None:
                 clip = clip.gpu()
-        return resize_normalize(clip, size, "FCHW")
+        return patch_graph(clip, size, shape, image=False)
 
     pipe = graph()
     pipe.build()

@@ -79,19 +79,35 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
     return h_bar, w_bar
 
 
-def patchify(frames: torch.Tensor, spec: VisionSpec) -> torch.Tensor:
-    """[F, C, H, W] normalised frames -> [grid_t*grid_h*grid_w, C*T*P*P] rows in merge-window order.
+def patch_shape(frames: int, height: int, width: int, spec: VisionSpec) -> list[int]:
+    """How `patch_graph` views a resized HWC image (frames = 1) or FHWC clip before reordering."""
+    p, m, t = spec.patch_size, spec.merge_size, spec.temporal_patch_size
+    split = [height // (p * m), m, p, width // (p * m), m, p, 3]
+    return split if frames == 1 else [frames // t, t] + split
 
-    An image (F = 1) is repeated to fill one temporal patch, as Qwen2-VL does. Row order is
-    (t, h/m, w/m, m, m): the 2x2 patches that the projector merges are consecutive.
+
+def patch_graph(frames, size, shape, image: bool):
+    """DALI nodes: decoded uint8 HWC images (or FHWC clips) -> normalised patches in Qwen2-VL's
+    order: [h/m, w/m, m, m, C, P, P] for an image (the temporal copy is added on the host, see
+    `ImageProcessor`), [t, h/m, w/m, m, m, C, T, P, P] for a clip. Flattened, rows are patches
+    and the 2x2 patches that the projector merges are consecutive.
+
+    The reorder runs on uint8 (a quarter of the bytes of float), then one fused cast-normalise.
     """
-    f, c, height, width = frames.shape
-    t, p, m = spec.temporal_patch_size, spec.patch_size, spec.merge_size
-    if f % t:
-        frames = torch.cat([frames, frames[-1:].expand(t - f % t, c, height, width)])
-    gt, gh, gw = frames.shape[0] // t, height // p, width // p
-    x = frames.reshape(gt, t, c, gh // m, m, p, gw // m, m, p).permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
-    return x.reshape(gt * gh * gw, c * t * p * p)
+    import nvidia.dali.fn as fn
+    import nvidia.dali.types as types
+
+    # PIL's BICUBIC (transformers' reference) is Keys' cubic, widened when shrinking; DALI's
+    # INTERP_CUBIC with antialias=True is the same filter. Both round the result to uint8.
+    x = fn.resize(frames, size=size, interp_type=types.INTERP_CUBIC, antialias=True)
+    x = fn.reshape(x, shape=shape)
+    if image:  # [h/m, m, P, w/m, m, P, C] -> [h/m, w/m, m, m, C, P, P]
+        x, channel_shape = fn.transpose(x, perm=[0, 3, 1, 4, 6, 2, 5]), (3, 1, 1)
+    else:  # [t, T, h/m, m, P, w/m, m, P, C] -> [t, h/m, w/m, m, m, C, T, P, P]
+        x, channel_shape = fn.transpose(x, perm=[0, 2, 5, 3, 6, 8, 1, 4, 7]), (3, 1, 1, 1)
+    mean = np.array([255 * m for m in CLIP_MEAN], np.float32).reshape(channel_shape)
+    scale = np.array([1 / (255 * s) for s in CLIP_STD], np.float32).reshape(channel_shape)
+    return (fn.cast(x, dtype=types.FLOAT) - types.Constant(mean)) * types.Constant(scale)
 
 
 def image_size(data: bytes) -> tuple[int, int]:
@@ -127,18 +143,6 @@ def check_encoded_image(data: bytes) -> None:
             raise BadSample("bad_image", "truncated PNG (no IEND chunk)")
 
 
-def resize_normalize(frames, size, layout: str):
-    """Bicubic resize to a per-sample (h, w), then (x/255 - mean)/std into `layout` (CHW or FCHW)."""
-    import nvidia.dali.fn as fn
-    import nvidia.dali.types as types
-
-    # PIL's BICUBIC (transformers' reference) is Keys' cubic, widened when shrinking; DALI's
-    # INTERP_CUBIC with antialias=True is the same filter. Both round the result to uint8.
-    resized = fn.resize(frames, size=size, interp_type=types.INTERP_CUBIC, antialias=True)
-    return fn.crop_mirror_normalize(resized, dtype=types.FLOAT, output_layout=layout,
-                                    mean=[255 * m for m in CLIP_MEAN], std=[255 * s for s in CLIP_STD])
-
-
 def _build_image_pipeline(batch_size: int, device_id: Optional[int], num_threads: int):
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
@@ -149,9 +153,10 @@ def _build_image_pipeline(batch_size: int, device_id: Optional[int], num_threads
     def graph():
         encoded = fn.external_source(name="encoded", dtype=types.UINT8)
         size = fn.external_source(name="size", dtype=types.FLOAT)
+        shape = fn.external_source(name="shape", dtype=types.INT32)
         decoded = fn.decoders.image(encoded, device="cpu" if device_id is None else "mixed",
                                     output_type=types.RGB)
-        return resize_normalize(decoded, size, "CHW")
+        return patch_graph(decoded, size, shape, image=True)
 
     pipe = graph()
     pipe.build()
@@ -169,7 +174,8 @@ def dali_error(err: Exception) -> str:
 
 
 def dali_to_torch(tensor_list, index: int) -> torch.Tensor:
-    """One sample of a DALI output as a torch tensor on the same device (copy)."""
+    """One sample of a DALI output as a torch tensor on the same device. On CPU it is a view of
+    DALI's buffer, valid until the pipeline runs again: callers copy it."""
     from nvidia.dali.backend import TensorGPU
 
     item = tensor_list[index]
@@ -179,7 +185,7 @@ def dali_to_torch(tensor_list, index: int) -> torch.Tensor:
         out = torch.empty(item.shape(), dtype=torch.float32, device=torch.device("cuda", torch.cuda.current_device()))
         feed_ndarray(item, out, cuda_stream=torch.cuda.current_stream())
         return out
-    return torch.from_numpy(np.array(item))
+    return torch.from_numpy(np.asarray(item))
 
 
 @dataclass
@@ -225,11 +231,15 @@ class ImageProcessor:
         pipe = self._pipeline()
         pipe.feed_input("encoded", [np.frombuffer(d, dtype=np.uint8) for d in chunk])
         pipe.feed_input("size", [np.array([h, w], dtype=np.float32) for h, w in sizes])
+        pipe.feed_input("shape", [np.array(patch_shape(1, h, w, self.spec), dtype=np.int32) for h, w in sizes])
         (result,) = pipe.run()
-        processed = []
-        for i in range(len(chunk)):
-            chw = dali_to_torch(result, i)
-            patches = patchify(chw.unsqueeze(0), self.spec)
-            _, h, w = chw.shape
-            processed.append(ProcessedImage(patches, (1, h // self.spec.patch_size, w // self.spec.patch_size)))
-        return processed
+        p, t = self.spec.patch_size, self.spec.temporal_patch_size
+        out = []
+        for i, (h, w) in enumerate(sizes):
+            # An image fills one temporal patch by repetition, as in Qwen2-VL: [n, C, 1, P, P] ->
+            # [n, C, T, P, P], written in the copy out of DALI's buffer.
+            view = dali_to_torch(result, i).reshape(-1, 3, 1, p, p)
+            patches = torch.empty(view.shape[0], 3, t, p, p, dtype=view.dtype, device=view.device)
+            patches.copy_(view.expand(-1, 3, t, p, p))
+            out.append(ProcessedImage(patches.reshape(-1, 3 * t * p * p), (1, h // p, w // p)))
+        return out
