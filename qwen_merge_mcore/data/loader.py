@@ -69,8 +69,9 @@ class TrainIterator:
                                [ds.weight for ds in data_cfg.datasets], seed, data_cfg.shuffle)
         if len(self.mixture) == 0:
             raise ValueError("the data mix has no samples")
-        self.images = ImageProcessor(self.spec, device_id)
-        self.videos = VideoProcessor(self.spec, device_id)
+        threads = max(1, data_cfg.num_workers)  # DALI's CPU worker threads
+        self.images = ImageProcessor(self.spec, device_id, num_threads=threads)
+        self.videos = VideoProcessor(self.spec, device_id, num_threads=threads)
         self.bad = BadSampleCounter(data_cfg.max_bad_fraction)
         self.pass_index, self.window_index, self.bins_done = 0, 0, 0
         self._order: Optional[np.ndarray] = None

@@ -120,3 +120,19 @@ def test_data_subcommands_show_examples(capsys):
     with pytest.raises(SystemExit):
         main(["data", "--help"])
     assert "qmm data convert --style recap" in capsys.readouterr().out
+
+
+def test_check_command_reports_bad_rows_and_packing(tmp_path, tiny, capsys):
+    img = tmp_path / "a.png"
+    img.write_bytes(make_image(60, 90, "PNG"))
+    rows = [{"messages": [{"role": "user", "content": [{"type": "image", "image": "a.png"},
+                                                        {"type": "text", "text": f"Question {i}?"}]},
+                          {"role": "assistant", "content": "Yes."}]} for i in range(9)]
+    rows.append({"messages": [{"role": "user", "content": "no answer"}]})
+    data = write_rows(tmp_path / "mix.jsonl", rows)
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text(f"model: {{preset: tiny}}\ntrain: {{train_iters: 1}}\n"
+                   f"data: {{datasets: [{{path: {data}}}], seq_length: 256, max_pixels: 12544, max_bad_fraction: 0.5}}\n")
+    assert main(["data", "check", str(cfg), "--tokenizer", str(tiny["qwen3"]), "--samples", "10"]) == 0
+    out = capsys.readouterr().out
+    assert "samples checked: 10, usable: 9, bad: 1 {'malformed_row': 1}" in out and "packing efficiency" in out
