@@ -77,6 +77,7 @@ class TrainIterator:
         self._order: Optional[np.ndarray] = None
         self._bins: Optional[list[list[PackedSample]]] = None
         self.last_row_ids: list[str] = []  # the samples of the batch last returned (for logs)
+        self._empty_windows = 0  # consecutive windows without a usable sample
 
     @staticmethod
     def _open(i: int, ds) -> _Dataset:
@@ -103,6 +104,12 @@ class TrainIterator:
             self._advance_window()
 
     def _advance_window(self) -> None:
+        self._empty_windows = 0 if self._bins else self._empty_windows + 1
+        windows_per_pass = -(-len(self.mixture) // (self.window * self.dp_size))
+        if self._empty_windows > windows_per_pass:
+            raise ValueError(f"a whole pass over the data mix gave data-parallel rank {self.dp_rank} no usable "
+                             f"sample ({len(self.mixture)} samples for {self.dp_size} ranks; bad: "
+                             f"{dict(self.bad.counts)})")
         self._bins, self.bins_done = None, 0
         self.window_index += 1
         if self.window_index * self.window * self.dp_size >= len(self.mixture):

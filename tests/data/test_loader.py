@@ -193,3 +193,11 @@ def test_too_many_bad_samples_stop_with_a_clear_error(tokenizer, model_cfg, data
     it = build_train_iterator(cfg, model_cfg, tokenizer, micro_batch_tokens=256, seed=1, window=64)
     with pytest.raises(TooManyBadSamples, match=r"max_bad_fraction=0.2.*missing_file"):
         next(it)
+
+
+def test_a_rank_without_samples_gets_an_error_not_a_hang(tokenizer, model_cfg, data_cfg, folder, tmp_path):
+    path = write_rows(tmp_path / "one.jsonl", _rows(1))
+    cfg = data_cfg([{"path": path, "data_root": str(folder)}])
+    assert next(build_train_iterator(cfg, model_cfg, tokenizer, dp_rank=0, dp_size=2)) is not None
+    with pytest.raises(ValueError, match="rank 1 no usable sample"):
+        next(build_train_iterator(cfg, model_cfg, tokenizer, dp_rank=1, dp_size=2))
