@@ -169,27 +169,37 @@ class TrainIterator:
 
     # -- one packed sequence ------------------------------------------------------------------
     def _collate(self, samples: list[PackedSample]) -> Optional[Batch]:
-        """Decode the bin's media; a sample whose media fail is dropped from the bin (counted)."""
-        kept, pixels, grids, vpixels, vgrids = [], [], [], [], []
-        for s in samples:
+        """Decode the bin's media (all its images in one DALI batch); a sample whose media fail is
+        dropped from the bin and counted."""
+        kept = list(samples)
+        while True:
+            owner = [k for k, s in enumerate(kept) for _ in s.images]
             try:
-                done = self.images(s.images) if s.images else []
+                done = self.images([img for s in kept for img in s.images]) if owner else []
+                break
+            except BadSample as err:
+                bad = kept.pop(owner[err.index] if err.index is not None else 0)
+                self.bad.skip(bad.row_id, err, already_seen=True)
+        pixels, grids, vpixels, vgrids, usable = [], [], [], [], []
+        for k, s in enumerate(kept):
+            mine = [d for d, o in zip(done, owner) if o == k]
+            try:
+                if [d.grid_thw for d in mine] != s.image_grids:
+                    raise BadSample("bad_image", f"decoded grids {[d.grid_thw for d in mine]} differ from the "
+                                    f"header grids {s.image_grids}")
                 vids = [self.videos(v) for v in s.videos]
-                for d, g in zip(done, s.image_grids):
-                    if d.grid_thw != g:
-                        raise BadSample("bad_image", f"decoded grid {d.grid_thw} differs from header grid {g}")
             except BadSample as err:
                 self.bad.skip(s.row_id, err, already_seen=True)
                 continue
-            kept.append(s)
-            pixels += [d.pixel_values for d in done]
-            grids += [d.grid_thw for d in done]
+            usable.append(s)
+            pixels += [d.pixel_values for d in mine]
+            grids += s.image_grids
             vpixels += [v.pixel_values for v in vids]
             vgrids += [v.grid_thw for v in vids]
-        if not kept:
+        if not usable:
             return None
-        self.last_row_ids = [s.row_id for s in kept]
-        return collate_packed(kept, self.pad_id, self.cfg.pad_to_multiple_of, self.pad_to,
+        self.last_row_ids = [s.row_id for s in usable]
+        return collate_packed(usable, self.pad_id, self.cfg.pad_to_multiple_of, self.pad_to,
                               _vision(pixels, grids), _vision(vpixels, vgrids))
 
     # -- checkpointing ------------------------------------------------------------------------

@@ -207,27 +207,32 @@ class ImageProcessor:
         return self._pipe
 
     def __call__(self, images: Sequence[bytes]) -> list[ProcessedImage]:
-        """Raises BadSample naming the index of the first image that fails to decode."""
+        """Raises BadSample whose `index` names the first image that cannot be used."""
         out: list[ProcessedImage] = []
         for start in range(0, len(images), self.max_batch):
             chunk = images[start:start + self.max_batch]
             try:
-                out.extend(self._run(chunk))
+                out.extend(self._run(chunk, start))
             except RuntimeError:
                 # The pipeline is dead after a decode error: rebuild it and find the culprit.
                 self._pipe = None
                 for i, data in enumerate(chunk):
                     try:
-                        out.extend(self._run([data]))
+                        out.extend(self._run([data], start + i))
                     except RuntimeError as err:
                         self._pipe = None
                         raise BadSample("bad_image", f"image {start + i} failed to decode: {dali_error(err)}",
                                         index=start + i) from None
         return out
 
-    def _run(self, chunk: Sequence[bytes]) -> list[ProcessedImage]:
-        sizes = [smart_resize(*image_size(d), self.spec.factor, self.spec.min_pixels, self.spec.max_pixels)
-                 for d in chunk]
+    def _run(self, chunk: Sequence[bytes], start: int = 0) -> list[ProcessedImage]:
+        sizes = []
+        for i, data in enumerate(chunk):
+            try:
+                sizes.append(smart_resize(*image_size(data), self.spec.factor, self.spec.min_pixels,
+                                          self.spec.max_pixels))
+            except BadSample as err:
+                raise BadSample(err.reason, f"image {start + i}: {err.detail}", index=start + i) from None
         pipe = self._pipeline()
         pipe.feed_input("encoded", [np.frombuffer(d, dtype=np.uint8) for d in chunk])
         pipe.feed_input("size", [np.array([h, w], dtype=np.float32) for h, w in sizes])
