@@ -43,6 +43,29 @@ class JsonlRows:
         return {**self.__dict__, "_file": None}
 
 
+class JsonArrayRows:
+    """A JSON file holding one list of rows (LLaVA's `llava_v1_5_mix665k.json` layout); loaded whole."""
+
+    def __init__(self, path: str):
+        self.path = path
+        with open(path, encoding="utf-8") as f:
+            self._rows = json.load(f)
+        if not isinstance(self._rows, list):
+            raise ValueError(f"{path}: a .json dataset must hold a list of rows (or use .jsonl)")
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, i: int) -> Any:
+        return self._rows[i]
+
+
+def _json_or_lines(path: str):
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip()
+    return JsonArrayRows(path) if head.startswith(b"[") else JsonlRows(path)
+
+
 class ParquetRows:
     def __init__(self, path: str):
         import pyarrow.parquet as pq
@@ -116,11 +139,11 @@ def open_rows(path: str):
 
 
 def open_file(path: str):
-    """JsonlRows for .jsonl files, ParquetRows for .parquet."""
+    """JsonlRows for .jsonl, JsonArrayRows for a .json list, ParquetRows for .parquet."""
     ext = os.path.splitext(path)[1].lower()
     if ext in _OPENERS:
         return _OPENERS[ext](path)
     raise ValueError(f"dataset file {path}: unknown extension {ext!r} (use .jsonl or .parquet)")
 
 
-_OPENERS = {".jsonl": JsonlRows, ".json": JsonlRows, ".ndjson": JsonlRows, ".parquet": ParquetRows, ".pq": ParquetRows}
+_OPENERS = {".jsonl": JsonlRows, ".json": _json_or_lines, ".ndjson": JsonlRows, ".parquet": ParquetRows, ".pq": ParquetRows}

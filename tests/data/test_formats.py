@@ -102,6 +102,16 @@ def test_malformed_rows_are_named(row, reason):
     assert err.value.reason == reason
 
 
+def test_llava_json_list_file(tmp_path):
+    import json
+
+    path = tmp_path / "llava.json"
+    path.write_text(json.dumps([{"id": "a", "image": "x.png", "conversations": [
+        {"from": "human", "value": "<image>\nHi"}, {"from": "gpt", "value": "Hello"}]}] * 3))
+    rows = open_rows(str(path))
+    assert len(rows) == 3 and to_sample(rows[2], "auto", "llava:2", "/r").images == ["/r/x.png"]
+
+
 def test_invalid_json_line_is_a_malformed_row(tmp_path):
     path = tmp_path / "x.jsonl"
     path.write_text('{"messages": []}\n{broken json\n')

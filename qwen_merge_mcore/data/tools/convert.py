@@ -49,13 +49,6 @@ def _input_files(src: Path) -> list[str]:
 
 def _raw_rows(path: str) -> Iterator[tuple[str, dict]]:
     name = Path(path).stem
-    if path.endswith(".json"):
-        with open(path, encoding="utf-8") as f:
-            rows = json.load(f)
-        rows = rows if isinstance(rows, list) else [rows]
-        for i, row in enumerate(rows):
-            yield f"{name}:{i}", row
-        return
     rows = open_file(path)
     for i in range(len(rows)):
         try:
