@@ -8,11 +8,20 @@ EXAMPLES = [
 ]
 
 
+def _example(prefix: str) -> dict:
+    import argparse
+
+    lines = [e for e in EXAMPLES if e.startswith(prefix)]
+    return {"epilog": "example:\n" + "\n".join(f"  {e}" for e in lines),
+            "formatter_class": argparse.RawDescriptionHelpFormatter}
+
+
 def add_arguments(p) -> None:
     sub = p.add_subparsers(dest="data_command", metavar="<tool>", required=True)
     c = sub.add_parser("convert", help="LLaVA-ReCap / LLaVA-OneVision / synthdog files -> training parquet",
                        description="Convert a local folder (or file) of a public dataset into LLaMA-Factory "
-                       "style parquet shards (messages + images as bytes) that data.datasets reads.")
+                       "style parquet shards (messages + images as bytes) that data.datasets reads.",
+                       **_example("qmm data convert"))
     c.add_argument("--style", required=True, choices=["recap", "onevision", "synthdog"])
     c.add_argument("--input", required=True, help="downloaded dataset folder or one file")
     c.add_argument("--out", required=True, help="output folder (data-00000.parquet, ...)")
@@ -23,7 +32,8 @@ def add_arguments(p) -> None:
 
     r = sub.add_parser("render", help="render text questions into images (stage 3)",
                        description="Draw each question (wrapped, paginated, CJK-capable) into PNG pages; "
-                       "write out/data.jsonl rows whose user turn is the pages plus an instruction.")
+                       "write out/data.jsonl rows whose user turn is the pages plus an instruction.",
+                       **_example("qmm data render"))
     r.add_argument("--input", required=True, help="JSONL/parquet: messages, alpaca, R1-distill or question/answer")
     r.add_argument("--out", required=True, help="output folder (data.jsonl, images/)")
     r.add_argument("--instruction", default="Answer the question in the image.")
@@ -35,7 +45,8 @@ def add_arguments(p) -> None:
 
     k = sub.add_parser("check", help="run a config's data mix through the pipeline and report",
                        description="Read, tokenise and pack samples of data.datasets like training does; "
-                       "print bad samples per reason and the packing efficiency.")
+                       "print bad samples per reason and the packing efficiency.",
+                       **_example("qmm data check"))
     k.add_argument("config", help="YAML experiment config")
     k.add_argument("overrides", nargs="*", help="dotted overrides, key.path=value")
     k.add_argument("--tokenizer", help="tokenizer folder (default: data.tokenizer or checkpoint.pretrained)")
