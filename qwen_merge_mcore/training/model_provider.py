@@ -16,7 +16,6 @@ from megatron.core import parallel_state
 from ..config import ExperimentConfig
 
 PARTS = {"vision": "vision_model.", "projector": "projector.", "language": "language_model."}
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 @dataclass
@@ -43,8 +42,7 @@ def build_chunks(cfg: ExperimentConfig, builder: Optional[ModelBuilder] = None) 
         builder.freeze(model, list(cfg.train.freeze))
         if torch.cuda.is_available():
             model.cuda(torch.cuda.current_device())
-        model.to(_DTYPES[cfg.precision.params_dtype])
-        chunks.append(model)
+        chunks.append(model)  # params already in precision.params_dtype (the builder's config)
     return chunks
 
 
