@@ -41,8 +41,7 @@ HF_META = "hf_meta"  # config, tokenizer, processor of the model (written by `qm
 
 @dataclass
 class TrainState:
-    iteration: int = 0  # optimizer steps taken (skipped ones included)
-    consumed_batches: int = 0  # global batches drawn from the data
+    iteration: int = 0  # global batches consumed: optimizer steps taken, skipped ones included
     nan_steps: int = 0  # steps skipped for a non-finite loss or gradient norm
 
 

@@ -89,7 +89,6 @@ def run_training(cfg: ExperimentConfig, builder: Optional[ModelBuilder] = None,
             batches = data_mod.Recorder(data)
             result = engine.train_step(batches, microbatches)
             state.iteration += 1
-            state.consumed_batches += 1
             if result.skipped:
                 state.nan_steps += 1
                 if state.nan_steps > cfg.train.max_nan_steps:
