@@ -89,7 +89,8 @@ class StepLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise ImportError("logging.tensorboard_dir needs tensorboard: pip install 'qwen_merge_mcore[tensorboard]'")
+                raise ImportError("logging.tensorboard_dir needs tensorboard: "
+                                  "pip install 'qwen_merge_mcore[tensorboard]'") from None
             self.tb = SummaryWriter(log.tensorboard_dir)
         if log.wandb_project:
             import wandb  # the `wandb` extra

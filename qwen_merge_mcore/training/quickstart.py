@@ -123,7 +123,8 @@ class Quickstart:
         processor = AutoProcessor.from_pretrained(export)
         model = AutoModelForImageTextToText.from_pretrained(export, dtype=torch.float32).eval()
         image = Image.open(self.work / "data" / "images" / "0000.png").convert("RGB")
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the shape?"}]}]
+        question = {"type": "text", "text": "What colour is the shape?"}
+        messages = [{"role": "user", "content": [{"type": "image"}, question]}]
         prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         inputs = processor(text=[prompt], images=[image], return_tensors="pt")
         with torch.no_grad():

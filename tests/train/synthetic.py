@@ -24,7 +24,8 @@ GRID = (1, 4, 4)
 class SyntheticData:
     def __init__(self, cfg, dp_rank: int, dp_size: int, seq_length: int = 48, signal_after: int | None = None):
         m = cfg.model
-        self.m, self.seed, self.rank, self.mb, self.seq = m, cfg.train.seed, dp_rank, cfg.train.micro_batch_size, seq_length
+        self.m, self.seed, self.rank, self.seq = m, cfg.train.seed, dp_rank, seq_length
+        self.mb = cfg.train.micro_batch_size
         v = m.vision
         self.patch_dim = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
         self.image_tokens = GRID[0] * GRID[1] * GRID[2] // v.spatial_merge_size ** 2
