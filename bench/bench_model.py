@@ -16,10 +16,14 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, package not installed
 
 
 def _config(seq: int):
@@ -37,14 +41,17 @@ def _config(seq: int):
     }, check_runtime=False)
 
 
-def _time(step, steps: int) -> float:
-    step()  # warm-up (allocations, lazy inits)
-    times = []
+def _time_pair(ours, theirs, steps: int) -> tuple[float, float]:
+    """Median seconds of each; the two alternate step by step so that a change in machine load
+    hits both sides alike."""
+    ours(), theirs()  # warm-up (allocations, lazy inits)
+    times: tuple[list, list] = ([], [])
     for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for step, bucket in ((ours, times[0]), (theirs, times[1])):
+            start = time.perf_counter()
+            step()
+            bucket.append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def _inputs(cfg, seq: int):
@@ -137,7 +144,7 @@ def main() -> None:
         print(f"{'case':<10}{'ours (s)':>12}{'transformers (s)':>20}{'ratio ours/hf':>16}")
         for name, mine, theirs in (("language", ours_language, hf_language), ("vision", ours_vision, hf_vision),
                                    ("full", ours_full, hf_full)):
-            a, b = _time(mine, args.steps), _time(theirs, args.steps)
+            a, b = _time_pair(mine, theirs, args.steps)
             print(f"{name:<10}{a:>12.4f}{b:>20.4f}{a / b:>16.2f}")
     finally:
         distributed.destroy()
