@@ -17,14 +17,14 @@ GRIDS = [[1, 8, 12], [1, 4, 4], [1, 6, 10]]
 
 
 def experiment_config(architecture: str = "qwen_merge", tied: bool = False, tp: int = 1, pp: int = 1,
-                      first_stage_layers: int | None = None, freeze: tuple[str, ...] = ()):
+                      first_stage_layers: int | None = None, freeze: tuple[str, ...] = (), vpp: int | None = None):
     from qwen_merge_mcore.config import config_from_dict
 
     return config_from_dict({
         "model": {"preset": "tiny", "architecture": architecture, "backend": "local",
                   "language": {"tie_word_embeddings": tied}},
         "parallel": {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
-                     "first_stage_layers": first_stage_layers},
+                     "first_stage_layers": first_stage_layers, "virtual_pipeline_model_parallel_size": vpp},
         "precision": {"params_dtype": "fp32"},
         "train": {"train_iters": 1, "freeze": list(freeze)},
     }, check_runtime=False)

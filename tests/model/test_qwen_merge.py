@@ -1,7 +1,7 @@
 """The Megatron Qwen-Merge model against transformers, across TP and PP (CPU, gloo, float32).
 
-Two spawned runs serve every test here: TP=1 (world 1), and TP=2 then PP=2 with an uneven first
-stage (world 2). Ranks return Megatron outputs; transformers references are computed in
+Two spawned runs serve every test here: TP=1 (world 1), and TP=2, then PP=2 with an uneven first
+stage, then PP=2 with virtual stages (world 2). Ranks return Megatron outputs; transformers references are computed in
 the test process.
 
 Tolerance 1e-4 on logits: both sides run float32 from the same bf16 weights; what differs is
@@ -139,7 +139,28 @@ def _world2_suite(tiny: dict, merged) -> dict:
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(pipeline_model_parallel_size=2)
     out["pp2"] = _pipeline_suite(tiny, merged)
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2)
+    out["vpp"] = _virtual_pipeline_layout()
     return out
+
+
+def _virtual_pipeline_layout() -> list[dict]:
+    """PP=2 x 2 virtual chunks: which global layers and parts each chunk of this rank builds."""
+    from megatron.core import parallel_state
+
+    from qwen_merge_mcore.models.qwen_merge import build_model
+
+    rank = parallel_state.get_pipeline_model_parallel_rank()
+    cfg = experiment_config("qwen_merge", pp=2, vpp=2)
+    chunks = []
+    for vp in range(2):
+        model = build_model(cfg, pre_process=rank == 0 and vp == 0, post_process=rank == 1 and vp == 1,
+                            vp_stage=vp)
+        chunks.append({"layers": [layer.layer_number for layer in model.language_model.decoder.layers],
+                       "vision": model.vision_model is not None,
+                       "output": hasattr(model.language_model, "output_layer")})
+    return chunks
 
 
 # --------------------------------------------------------------------------------------------
@@ -155,7 +176,8 @@ def merged(tiny, tmp_path_factory):
 def runs(tiny, merged, distributed):
     world2 = distributed(_world2_suite, world_size=2, tp=2, args=(tiny, merged))
     return {"tp1": distributed(_tp_suite, world_size=1, tp=1, args=(tiny, merged, 1))[0],
-            "tp2": world2[0]["tp2"], "pp2": [rank["pp2"] for rank in world2]}
+            "tp2": world2[0]["tp2"], "pp2": [rank["pp2"] for rank in world2],
+            "vpp": [rank["vpp"] for rank in world2]}
 
 
 @pytest.fixture(scope="module")
@@ -220,6 +242,14 @@ def test_pipeline_split_equals_single_stage(runs):
     assert first["layers"] == [1] and last["layers"] == [2, 3, 4]  # uneven: first_stage_layers=1
     vocab = tiny_model_config().language.vocab_size  # the pad columns beyond it are -inf
     assert (last["logits"][..., :vocab] - runs["tp1"]["mm_logits"][..., :vocab]).abs().max() < TOL
+
+
+def test_virtual_pipeline_chunks(runs):
+    """Interleaved layout: rank 0 holds layers 1 and 3 (ViT on its first chunk), rank 1 layers 2 and 4."""
+    (r0c0, r0c1), (r1c0, r1c1) = runs["vpp"]
+    assert [c["layers"] for c in (r0c0, r1c0, r0c1, r1c1)] == [[1], [2], [3], [4]]
+    assert [c["vision"] for c in (r0c0, r0c1, r1c0, r1c1)] == [True, False, False, False]
+    assert [c["output"] for c in (r0c0, r0c1, r1c0, r1c1)] == [False, False, False, True]
 
 
 def test_pipeline_tied_output_layer_starts_as_embedding(runs):
