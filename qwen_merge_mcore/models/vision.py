@@ -28,11 +28,10 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ..config import ParallelConfig, PrecisionConfig, VisionConfig
-from ..utils.runtime import cuda_available
 from .backend import resolve_backend
+from .fp8 import fp8_config_kwargs, fp8_fallback
+from .language_config import common_config_kwargs
 from .specs import transformer_layer_spec
-
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 # HF pads each image's merged grid to whole windows with this marker before dropping it.
 _PAD = -100
@@ -44,9 +43,11 @@ def vision_transformer_config(vision: VisionConfig, parallel: ParallelConfig,
 
     The ViT lives whole on the first pipeline stage (pipeline size 1 here, or TransformerBlock
     would split its layers across stages) and runs without sequence or context parallelism.
+    FP8 only with `precision.fp8_vision` (and FP8-aligned widths).
     """
-    dtype = _DTYPES[precision.params_dtype]
-    cpu = not cuda_available()
+    kwargs = common_config_kwargs(parallel, precision)
+    kwargs.update(pipeline_model_parallel_size=1, virtual_pipeline_model_parallel_size=None,
+                  context_parallel_size=1, sequence_parallel=False)
     return TransformerConfig(
         num_layers=vision.depth,
         hidden_size=vision.hidden_size,
@@ -59,21 +60,9 @@ def vision_transformer_config(vision: VisionConfig, parallel: ParallelConfig,
         activation_func=F.silu,
         add_bias_linear=True,
         add_qkv_bias=True,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
-        pipeline_model_parallel_size=1,
-        params_dtype=dtype, pipeline_dtype=dtype,
-        bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
-        # The rotary angles are per token (2D positions); TE's fused THD rope kernel would restart
-        # positions in every window, Megatron's unfused path maps each token to its own angles.
-        apply_rope_fusion=False,
-        # Fused kernels and CUDA-side initialisation need a GPU.
-        use_cpu_initialization=cpu,
-        bias_dropout_fusion=not cpu,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
+        **kwargs,
+        **fp8_config_kwargs(precision, num_layers=vision.depth, pipeline_size=1, enabled=precision.fp8_vision,
+                            widths={"hidden_size": vision.hidden_size, "ffn_hidden_size": vision.intermediate_size}),
     )
 
 
@@ -132,6 +121,21 @@ def frame_cu_seqlens(grid_thw: torch.Tensor) -> torch.Tensor:
     return F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
 
 
+def check_vision_input(pixel_values: torch.Tensor, grid_thw: torch.Tensor, vision: VisionConfig) -> None:
+    """Clear errors for inputs the ViT cannot take (instead of a reshape failure deep inside)."""
+    if grid_thw.dim() != 2 or grid_thw.shape[1] != 3:
+        raise ValueError(f"grid_thw must be [num_images, 3] (t, h, w), got shape {tuple(grid_thw.shape)}")
+    merge = vision.spatial_merge_size
+    if bool((grid_thw <= 0).any()) or bool((grid_thw[:, 1:] % merge != 0).any()):
+        raise ValueError(f"grid_thw entries must be positive, with h and w multiples of the spatial merge "
+                         f"size {merge}; got {grid_thw.tolist()}")
+    patches = int(grid_thw.prod(-1).sum())
+    features = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
+    if tuple(pixel_values.shape) != (patches, features):
+        raise ValueError(f"pixel_values must be [{patches}, {features}] (patches of grid_thw {grid_thw.tolist()} x "
+                         f"C*T*P*P), got {tuple(pixel_values.shape)}")
+
+
 def vision_layout(grid_thw: torch.Tensor, vision: VisionConfig, device) -> VisionLayout:
     merge = vision.spatial_merge_size
     index, cu_window = window_index(grid_thw.cpu(), merge, vision.window_size // merge // vision.patch_size)
@@ -184,6 +188,7 @@ class QwenVisionModel(MegatronModule):
         super().__init__(config=config)
         self.vision = vision
         self.backend = resolve_backend(backend)
+        self.qkv_format = "thd" if self.backend == "te" else "sbhd"
         self.patch_embed = PatchEmbed(config, vision)
         self.rotary = VisionRotaryEmbedding(vision.head_dim, vision.rope_theta)
         self.decoder = TransformerBlock(
@@ -193,7 +198,7 @@ class QwenVisionModel(MegatronModule):
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """[N, C*T*P*P] patches of all images + grid_thw [n, 3] -> [N, hidden] in the input order."""
-        self._check_input(pixel_values, grid_thw)
+        check_vision_input(pixel_values, grid_thw, self.vision)
         device = pixel_values.device
         layout = vision_layout(grid_thw, self.vision, device)
         unit = self.vision.spatial_merge_size ** 2
@@ -212,7 +217,7 @@ class QwenVisionModel(MegatronModule):
         # frozen in every training stage, and selective recompute inside the layers still works.
         # FP8 contexts as in TransformerBlock.forward (no-ops unless the config enables FP8).
         delayed = self.config.fp8_recipe == Fp8Recipe.delayed
-        with get_fp8_context(self.config) if delayed else nullcontext():
+        with fp8_fallback(self.config, n), get_fp8_context(self.config) if delayed else nullcontext():
             for layer in self.decoder.layers:
                 params = full if layer.layer_number - 1 in self.fullatt else windowed
                 with nullcontext() if delayed else get_fp8_context(self.config, layer.layer_number - 1):
@@ -223,25 +228,14 @@ class QwenVisionModel(MegatronModule):
     def _packed(self, cu_seqlens: torch.Tensor) -> PackedSeqParams:
         """Block-diagonal attention over `cu_seqlens` segments with per-token rotary angles.
 
-        `te`: THD, which Transformer Engine's fused attention needs; with per-token angles
-        (angles.size(0) == cu_seqlens[-1]) Megatron's unfused THD rope maps each token to its own
-        angle. `local`: SBHD with b=1, so Megatron applies the angles token by token, and the SDPA
-        core attention reads the segments from cu_seqlens_q.
+        `thd` (te): what Transformer Engine's fused attention needs; since the angles hold one row
+        per token (angles.size(0) == cu_seqlens[-1]), Megatron's unfused THD rope gives each token
+        its own angles instead of restarting per segment. `sbhd` (local): b=1, Megatron applies the
+        angles token by token and the SDPA core attention reads the segments from cu_seqlens_q.
+        The local SDPA core attention also runs `thd`, which is how the CPU tests cover that path.
         """
-        if self.backend == "te":
+        if self.qkv_format == "thd":
             longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
             return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
                                    max_seqlen_q=longest, max_seqlen_kv=longest)
         return PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens)
-
-    def _check_input(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> None:
-        if grid_thw.dim() != 2 or grid_thw.shape[1] != 3:
-            raise ValueError(f"grid_thw must be [num_images, 3] (t, h, w), got shape {tuple(grid_thw.shape)}")
-        merge = self.vision.spatial_merge_size
-        if bool(((grid_thw[:, 1:] % merge) != 0).any()) or bool((grid_thw <= 0).any()):
-            raise ValueError(f"every grid_thw entry must be positive with h and w multiples of the spatial "
-                             f"merge size {merge}, got {grid_thw.tolist()}")
-        patches = int(grid_thw.prod(-1).sum())
-        if pixel_values.dim() != 2 or pixel_values.shape != (patches, self.patch_embed.in_features):
-            raise ValueError(f"pixel_values must be [{patches}, {self.patch_embed.in_features}] for grid_thw "
-                             f"{grid_thw.tolist()}, got {tuple(pixel_values.shape)}")
