@@ -6,6 +6,7 @@ dtypes, recompute, CPU-safe switches); `language_transformer_config` adds the Qw
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -39,7 +40,12 @@ def common_config_kwargs(parallel: ParallelConfig, precision: PrecisionConfig,
         bias_dropout_fusion=not cpu, masked_softmax_fusion=False, persist_layer_norm=False,
         gradient_accumulation_fusion=False,
     )
-    if train is not None and train.recompute_granularity is not None:
+    if train is not None and train.recompute_granularity is not None and cpu:
+        # Megatron's activation checkpointing saves and restores CUDA RNG states. Recompute only
+        # trades memory for time, so the CPU run (tiny models) goes without it.
+        warnings.warn("activation recompute (train.recompute_granularity) needs CUDA; running without it on CPU",
+                      RuntimeWarning, stacklevel=2)
+    elif train is not None and train.recompute_granularity is not None:
         kwargs.update(recompute_granularity=train.recompute_granularity,
                       recompute_method=train.recompute_method,
                       recompute_num_layers=train.recompute_num_layers)
