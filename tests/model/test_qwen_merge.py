@@ -83,9 +83,30 @@ def _freeze_case(merged, parts: tuple[str, ...]) -> dict:
     return {"changed": changed, "has_grad": grads, "counts": parameter_counts(model)}
 
 
+@torch.no_grad()
+def _placeholder_errors() -> list[str]:
+    """Messages for a placeholder count that does not match the images, and for missing images."""
+    from qwen_merge_mcore.models.qwen_merge import build_model
+
+    cfg = experiment_config("qwen_merge")
+    model = build_model(cfg).eval()
+    x = multimodal_inputs()
+    short = x["tokens"].clone()
+    short[0, (short[0] == cfg.model.image_token_id).nonzero()[0]] = 20  # one placeholder too few
+    messages = []
+    for tokens, images in ((short, x["images"]), (x["tokens"], None)):
+        try:
+            model(tokens, x["position_ids"], images=images)
+            messages.append("no error")
+        except ValueError as err:
+            messages.append(str(err))
+    return messages
+
+
 def _tp_suite(tiny: dict, merged, tp: int) -> dict:
     out = {**_text_case(tiny, tp), **_multimodal_case(merged, tp)}
     if tp == 1:
+        out["errors"] = _placeholder_errors()
         out["freeze"] = {parts: _freeze_case(merged, parts) for parts in (("vision",), ("vision", "language"))}
     return out
 
@@ -269,6 +290,12 @@ def test_freeze_keeps_frozen_weights_and_trains_the_rest(runs, parts):
             assert changed, f"trainable {name} did not change after an optimizer step"
     for part, (trainable, frozen_count) in res["counts"].items():
         assert (trainable == 0) == (part in parts) and (frozen_count == 0) == (part not in parts), (part, res["counts"])
+
+
+def test_placeholder_count_mismatch_is_a_clear_error(runs):
+    short, missing = runs["tp1"]["errors"]
+    assert "give 43 embeddings" in short and "hold 42 image placeholder tokens" in short
+    assert "42" not in missing and "43 image placeholder tokens but no images" in missing
 
 
 def test_freeze_rejects_unknown_part():
