@@ -30,6 +30,21 @@ def experiment_config(architecture: str = "qwen_merge", tied: bool = False, tp: 
     }, check_runtime=False)
 
 
+def qwen2_5_vl_experiment_config(folder):
+    """A plain Qwen2.5-VL (qkv bias, no q/k norm, no mlp.4) read from its HF config.json."""
+    import json
+
+    from qwen_merge_mcore.config import ExperimentConfig, PrecisionConfig, TrainConfig
+    from qwen_merge_mcore.hf_config import model_config_from_hf
+
+    model = model_config_from_hf(json.loads((Path(folder) / "config.json").read_text()))
+    model.backend = "local"
+    cfg = ExperimentConfig(model=model, precision=PrecisionConfig(params_dtype="fp32"),
+                           train=TrainConfig(train_iters=1, freeze=[]))
+    cfg.validate()
+    return cfg
+
+
 def text_inputs(vocab: int) -> dict:
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(10, vocab, (2, 12), generator=g)

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 from qwen_merge_mcore.fixtures.tiny import tiny_model_config
 from tests.model.references import (experiment_config, gather_vocab, hf_qwen3, hf_qwen3_mrope_logits,
-                                    hf_qwen_merge_logits, multimodal_inputs, text_inputs,
-                                    write_merged_checkpoint)
+                                    hf_qwen_merge_logits, multimodal_inputs, qwen2_5_vl_experiment_config,
+                                    text_inputs, write_merged_checkpoint)
 
 TOL = 1e-4
 
@@ -67,6 +67,15 @@ def _multimodal_case(merged, tp: int) -> dict:
     return {"mm_logits": logits, "mm_packed_diff": (packed - unpacked)[..., :vocab].abs().max().item()}
 
 
+@torch.no_grad()
+def _qwen2_5_vl_case(tiny: dict) -> torch.Tensor:
+    """The same composition loading a plain Qwen2.5-VL checkpoint (architecture qwen2_5_vl)."""
+    cfg = qwen2_5_vl_experiment_config(tiny["qwen2_5_vl"])
+    model = _load(cfg, tiny["qwen2_5_vl"])
+    x = multimodal_inputs()
+    return model(x["tokens"], x["position_ids"], images=x["images"])
+
+
 def _freeze_case(merged, parts: tuple[str, ...]) -> dict:
     """One AdamW step on the multimodal loss with `parts` frozen."""
     from qwen_merge_mcore.models.qwen_merge import parameter_counts
@@ -107,6 +116,7 @@ def _tp_suite(tiny: dict, merged, tp: int) -> dict:
     out = {**_text_case(tiny, tp), **_multimodal_case(merged, tp)}
     if tp == 1:
         out["errors"] = _placeholder_errors()
+        out["qwen2_5_vl_logits"] = _qwen2_5_vl_case(tiny)
         out["freeze"] = {parts: _freeze_case(merged, parts) for parts in (("vision",), ("vision", "language"))}
     return out
 
@@ -249,6 +259,23 @@ def test_multimodal_logits_equal_reference(runs, multimodal_reference, tp):
     logits = runs[f"tp{tp}"]["mm_logits"]
     vocab = multimodal_reference.shape[-1]
     assert (logits[..., :vocab] - multimodal_reference).abs().max() < TOL
+
+
+def test_plain_qwen2_5_vl_equals_transformers(tiny, runs):
+    """Architecture qwen2_5_vl (qkv bias, no q/k norm, merger without mlp.4) against transformers'
+    Qwen2_5_VLForConditionalGeneration, which derives its own MRoPE ids from the grids. TP=1 only:
+    the tiny VLM's 3 heads do not split in two."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    x = multimodal_inputs()
+    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny["qwen2_5_vl"], dtype=torch.float32).eval()
+    # transformers 5 derives 3D positions only when told which tokens are image tokens (type 1).
+    types = (x["tokens"] == hf.config.image_token_id).int()
+    with torch.no_grad():
+        ref = hf(input_ids=x["tokens"], pixel_values=x["images"].pixel_values, image_grid_thw=x["images"].grid_thw,
+                 mm_token_type_ids=types).logits
+    ours = runs["tp1"]["qwen2_5_vl_logits"]
+    assert (ours[..., :ref.shape[-1]] - ref).abs().max() < TOL
 
 
 @pytest.mark.parametrize("tp", [1, 2])
