@@ -117,14 +117,38 @@ def _tp_suite(tiny: dict, merged, tp: int) -> dict:
     if tp == 1:
         out["errors"] = _placeholder_errors()
         out["qwen2_5_vl_logits"] = _qwen2_5_vl_case(tiny)
+        out["grads"] = _grads_case(merged)
         out["freeze"] = {parts: _freeze_case(merged, parts) for parts in (("vision",), ("vision", "language"))}
     return out
 
 
-@torch.no_grad()
+GRAD_PARAMS = ("vision_model.decoder.layers.0.mlp.linear_fc2.weight", "projector.linear_fc3.weight",
+               "language_model.embedding.word_embeddings.weight",
+               "language_model.decoder.layers.0.mlp.linear_fc1.weight",
+               "language_model.decoder.layers.3.self_attention.linear_qkv.weight",
+               "language_model.output_layer.weight")
+
+
+def _grads(model) -> dict:
+    """Gradients of GRAD_PARAMS present on this stage, by global (PP=1) name."""
+    from qwen_merge_mcore.checkpoint.mapping import global_param_names
+
+    names = global_param_names(model)
+    return {names[n]: p.grad.clone() for n, p in model.named_parameters() if names[n] in GRAD_PARAMS}
+
+
+def _grads_case(merged) -> dict:
+    """PP=1 gradients of the mean multimodal loss, the reference for the pipeline split."""
+    model = _load(experiment_config("qwen_merge"), merged)
+    x = multimodal_inputs()
+    model(x["tokens"], x["position_ids"], images=x["images"], labels=x["labels"]).mean().backward()
+    return _grads(model)
+
+
 def _pipeline_suite(tiny: dict, merged) -> dict:
     """PP=2, first stage = ViT + projector + 1 decoder layer, last stage = 3 layers + output.
-    Hidden states go between the ranks with gloo send/recv (Megatron's p2p needs CUDA)."""
+    Hidden states and their gradients go between the ranks with gloo send/recv (Megatron's p2p
+    needs CUDA)."""
     from megatron.core import parallel_state
 
     from qwen_merge_mcore.models.qwen_merge import build_model
@@ -136,15 +160,30 @@ def _pipeline_suite(tiny: dict, merged) -> dict:
     out = {"layers": [layer.layer_number for layer in model.language_model.decoder.layers],
            "has_vision": model.vision_model is not None}
     x = multimodal_inputs()
-    seq, batch = x["tokens"].shape[1], x["tokens"].shape[0]
-    if first:
-        hidden = model(x["tokens"], x["position_ids"], images=x["images"])
-        dist.send(hidden.contiguous(), dst=1)
-    else:
-        hidden = torch.empty(seq, batch, cfg.model.language.hidden_size)
-        dist.recv(hidden, src=0)
-        model.set_input_tensor(hidden)
-        out["logits"] = model(x["tokens"], x["position_ids"])
+    shape = (x["tokens"].shape[1], x["tokens"].shape[0], cfg.model.language.hidden_size)
+    # Forward only: logits. Then a training pass: loss on the last stage, its input gradient
+    # back to the first stage.
+    for labels in (None, x["labels"]):
+        with torch.set_grad_enabled(labels is not None):
+            if first:
+                hidden = model(x["tokens"], x["position_ids"], images=x["images"])
+                dist.send(hidden.detach().contiguous(), dst=1)
+                if labels is not None:
+                    grad = torch.empty(shape)
+                    dist.recv(grad, src=1)
+                    hidden.backward(grad)
+            else:
+                hidden = torch.empty(shape)
+                dist.recv(hidden, src=0)
+                hidden.requires_grad_(labels is not None)
+                model.set_input_tensor(hidden)
+                result = model(x["tokens"], x["position_ids"], labels=labels)
+                if labels is None:
+                    out["logits"] = result
+                else:
+                    result.mean().backward()
+                    dist.send(hidden.grad.contiguous(), dst=0)
+    out["grads"] = _grads(model)
 
     # Tied embeddings at PP=2: the last stage's output layer starts as a copy of the first
     # stage's embedding (Megatron's embedding-group all-reduce, here on CPU).
@@ -290,6 +329,18 @@ def test_pipeline_split_equals_single_stage(runs):
     assert first["layers"] == [1] and last["layers"] == [2, 3, 4]  # uneven: first_stage_layers=1
     vocab = tiny_model_config().language.vocab_size  # the pad columns beyond it are -inf
     assert (last["logits"][..., :vocab] - runs["tp1"]["mm_logits"][..., :vocab]).abs().max() < TOL
+
+
+def test_pipeline_split_gradients_equal_single_stage(runs):
+    """Backward through the split (input gradient sent back to the first stage) gives PP=1's
+    gradients on both stages: ViT, projector, embedding, first and last decoder layers, output."""
+    first, last = runs["pp2"]
+    reference = runs["tp1"]["grads"]
+    assert set(first["grads"]) | set(last["grads"]) == set(reference)
+    for name, grad in {**first["grads"], **last["grads"]}.items():
+        # float32 summation-order differences only: 1e-4 relative to the tensor's largest entry.
+        scale = reference[name].abs().max()
+        assert scale > 0 and (grad - reference[name]).abs().max() <= 1e-4 * scale, name
 
 
 def test_virtual_pipeline_chunks(runs):
