@@ -24,6 +24,7 @@ setup(
         "einops>=0.7",
         "pyarrow>=14",
         "pillow>=10",
+        "av>=12",  # video probing, and decoding of codecs DALI's CPU decoder lacks (H.264, HEVC)
         "numpy>=1.26",
     ],
     extras_require={
