@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 
-from tests.model.references import experiment_config, multimodal_inputs, write_merged_checkpoint
+from tests.model.references import experiment_config, exported_qwen_merge, multimodal_inputs
 
 pytestmark = pytest.mark.gpu
 
@@ -92,7 +92,7 @@ def _gpu_suite(merged) -> dict:
 
 @pytest.fixture(scope="module")
 def gpu_results(tiny, tmp_path_factory, distributed):
-    merged = write_merged_checkpoint(tiny, tmp_path_factory.mktemp("qwen_merge_gpu"))
+    merged = exported_qwen_merge(tiny, tmp_path_factory.mktemp("exported_gpu"))
     return distributed(_gpu_suite, world_size=1, tp=1, args=(merged,))[0]
 
 

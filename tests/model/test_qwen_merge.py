@@ -17,9 +17,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from qwen_merge_mcore.fixtures.tiny import tiny_model_config
-from tests.model.references import (experiment_config, gather_vocab, hf_qwen3, hf_qwen3_mrope_logits,
-                                    hf_qwen_merge_logits, multimodal_inputs, qwen2_5_vl_experiment_config,
-                                    text_inputs, write_merged_checkpoint)
+from tests.model.references import (experiment_config, exported_qwen_merge, gather_vocab, hf_project_model_logits,
+                                    hf_qwen3, hf_qwen3_mrope_logits, hf_qwen_merge_logits, multimodal_inputs,
+                                    qwen2_5_vl_experiment_config, text_inputs)
 
 TOL = 1e-4
 
@@ -239,7 +239,7 @@ def _virtual_pipeline_layout() -> list[dict]:
 
 @pytest.fixture(scope="module")
 def merged(tiny, tmp_path_factory):
-    return write_merged_checkpoint(tiny, tmp_path_factory.mktemp("qwen_merge"))
+    return exported_qwen_merge(tiny, tmp_path_factory.mktemp("exported"))
 
 
 @pytest.fixture(scope="module")
@@ -259,7 +259,12 @@ def text_reference(tiny):
 
 
 @pytest.fixture(scope="module")
-def multimodal_reference(tiny, merged):
+def multimodal_reference(merged):
+    return hf_project_model_logits(merged, multimodal_inputs())
+
+
+@pytest.fixture(scope="module")
+def assembled_reference(tiny, merged):
     return hf_qwen_merge_logits(tiny, merged, multimodal_inputs())
 
 
@@ -294,10 +299,19 @@ def test_reference_assembly_is_qwen3_for_text(tiny, text_reference):
 
 
 @pytest.mark.parametrize("tp", [1, 2])
-def test_multimodal_logits_equal_reference(runs, multimodal_reference, tp):
+def test_multimodal_logits_equal_project_hf_model(runs, multimodal_reference, tp):
+    """Full forward with 3 images in 2 samples = Qwen2_5_VL_MergeForConditionalGeneration."""
     logits = runs[f"tp{tp}"]["mm_logits"]
     vocab = multimodal_reference.shape[-1]
     assert (logits[..., :vocab] - multimodal_reference).abs().max() < TOL
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_multimodal_logits_equal_stock_transformers_assembly(runs, assembled_reference, tp):
+    """... and = stock transformers parts: Qwen2.5-VL vision tower + GELU + mlp.4 + Qwen3 with MRoPE."""
+    logits = runs[f"tp{tp}"]["mm_logits"]
+    vocab = assembled_reference.shape[-1]
+    assert (logits[..., :vocab] - assembled_reference).abs().max() < TOL
 
 
 def test_plain_qwen2_5_vl_equals_transformers(tiny, runs):
