@@ -33,7 +33,8 @@ def test_tensorwise_keeps_first_and_last_layers_bf16():
 
 def test_delayed_cannot_keep_bf16_layers_and_says_so():
     with pytest.warns(RuntimeWarning, match="delayed scaling"):
-        kw = fp8_config_kwargs(PrecisionConfig(fp8="e4m3"), num_layers=4, pipeline_size=1, widths=ALIGNED)
+        kw = fp8_config_kwargs(PrecisionConfig(fp8="e4m3", fp8_recipe="delayed"), num_layers=4, pipeline_size=1,
+                               widths=ALIGNED)
     assert kw["fp8_recipe"] == "delayed" and "first_last_layers_bf16" not in kw
 
 
