@@ -1,6 +1,8 @@
 """`sbatch slurm/stage3.sbatch` on a real one-node Slurm with the tiny config and 2 tasks (TP=2 on
-gloo): the job is stopped with SIGTERM mid-run, checkpoints and exits; requeued, it resumes from
-that checkpoint and finishes with a lower loss and a final checkpoint."""
+gloo). The job is stopped with SIGTERM mid-run (as preemption does): it checkpoints and exits;
+requeued, it resumes from that checkpoint. Later Slurm's time-limit warning (SIGUSR1 to the batch
+shell, `--signal=B:USR1@...`) makes it checkpoint and requeue itself; it resumes again and
+finishes every step exactly once, with a lower loss and a final checkpoint."""
 
 from __future__ import annotations
 
@@ -12,12 +14,12 @@ from pathlib import Path
 import pytest
 
 from qwen_merge_mcore.fixtures.tiny_data import make_tiny_data
-from qwen_merge_mcore.testing.slurm import SlurmCluster, ensure_slurm_installed
+from qwen_merge_mcore.testing.slurm import FINISHED, SlurmCluster, ensure_slurm_installed
 from qwen_merge_mcore.training.checkpointing import latest_iteration
 from qwen_merge_mcore.training.quickstart import stage_config
 
 REPO = Path(__file__).resolve().parents[2]
-STEPS, INTERVAL = 10, 3
+STEPS, INTERVAL = 12, 3
 LINE = re.compile(r"\[stage3\] iter\s+(\d+)/\d+ \| loss ([0-9.]+)")
 
 
@@ -40,13 +42,21 @@ def _wait_for(path: Path, pattern: str, timeout: float, job_state) -> None:
         if path.exists() and re.search(pattern, path.read_text(errors="replace")):
             return
         state = job_state()
-        assert state[0] in ("PENDING", "RUNNING", "CONFIGURING"), f"job ended early {state}:\n{_tail(path)}"
+        assert state[0] not in FINISHED, f"job ended early {state}:\n{_tail(path)}"
         time.sleep(1)
     raise TimeoutError(f"{pattern!r} not in {path} after {timeout} s:\n{_tail(path)}")
 
 
 def _tail(path: Path) -> str:
     return path.read_text(errors="replace")[-4000:] if path.exists() else "(no output)"
+
+
+def _start_now(slurm, job) -> None:
+    """Slurm makes a requeued job eligible only ~2 minutes later; the test does not wait for
+    that. It waits 2 s: slurmd refuses credentials issued in the same second as the revocation
+    of the killed instance's ("Job credential revoked")."""
+    time.sleep(2)
+    slurm.run(["scontrol", "update", f"jobid={job}", "StartTime=now"])
 
 
 def test_sbatch_stage3_preempted_then_resumed(slurm, tiny, tmp_path):
@@ -69,9 +79,19 @@ def test_sbatch_stage3_preempted_then_resumed(slurm, tiny, tmp_path):
     assert INTERVAL + 2 <= stopped_at < STEPS, _tail(out)
 
     slurm.run(["scontrol", "requeue", str(job)])
-    # Slurm makes a requeued job eligible only ~2 minutes later; the test does not wait for that.
-    slurm.run(["scontrol", "update", f"jobid={job}", "StartTime=now"])
+    _start_now(slurm, job)
     _wait_for(out, rf"resumed from .* at iteration {stopped_at}", 300, lambda: slurm.state(job))
+
+    # The time-limit warning goes to the batch shell only; the script passes it on and requeues.
+    _wait_for(out, rf"iter\s+{stopped_at + 2}/{STEPS}", 300, lambda: slurm.state(job))
+    slurm.run(["scancel", "--batch", "--signal=USR1", str(job)])
+    _wait_for(out, "time limit near: checkpoint and requeue", 60, lambda: slurm.state(job))
+    state = slurm.wait(job, timeout=120, until={"PENDING", "REQUEUED", "REQUEUE_HOLD"} | FINISHED)
+    assert state[0] in ("PENDING", "REQUEUED"), f"{state}\n{_tail(out)}"
+    second_stop = latest_iteration(run)
+    assert stopped_at + 2 <= second_stop < STEPS, _tail(out)
+    _start_now(slurm, job)
+    _wait_for(out, rf"resumed from .* at iteration {second_stop}", 300, lambda: slurm.state(job))
     state = slurm.wait(job, timeout=300)
     assert state == ("COMPLETED", "0:0"), f"{state}\n{_tail(out)}"
 
