@@ -75,3 +75,31 @@ def test_sbatch_scripts_parse():
     for stage in ("stage1", "stage2.1", "stage2.2", "stage3"):
         text = (REPO / "slurm" / f"{stage}.sbatch").read_text()
         assert "#SBATCH --requeue" in text and "#SBATCH --signal=B:USR1@" in text
+
+
+# DESIGN.md's stage table: (frozen parts, lr, template).
+STAGES = {"stage1": (["vision", "language"], 5e-4, "pretrain"), "stage2.1": (["vision"], 5e-5, "pretrain"),
+          "stage2.2": (["vision"], 5e-5, "pretrain"), "stage3": (["vision"], 5e-5, "qwen3")}
+SIZES = {
+    "4b": ["model.preset=qwen-merge-72bvit-4b", "parallel.tensor_model_parallel_size=2"],
+    "8b": [],
+    "32b": ["model.preset=qwen-merge-72bvit-32b", "parallel.tensor_model_parallel_size=4",
+            "parallel.pipeline_model_parallel_size=4", "parallel.first_stage_layers=13"],
+}
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_stage_configs_follow_the_recipe(stage):
+    from qwen_merge_mcore.config import load_config
+
+    frozen, lr, template = STAGES[stage]
+    for size, overrides in SIZES.items():
+        cfg = load_config(REPO / "launch" / f"{stage}.yaml", overrides, check_runtime=False)
+        assert cfg.model.preset == f"qwen-merge-72bvit-{size}"
+        t, d = cfg.train, cfg.data
+        assert (t.stage, t.freeze, t.lr, d.template) == (stage, frozen, lr, template)
+        assert (t.lr_decay_style, t.lr_warmup_fraction, cfg.precision.params_dtype) == ("cosine", 0.05, "bf16")
+        assert (d.seq_length, d.max_pixels) == (8096, 262144)
+    tiny = load_config(REPO / "launch" / "tiny" / f"{stage}.yaml")
+    assert (tiny.model.preset, tiny.train.freeze, tiny.data.template) == ("tiny", frozen, template)
+    assert tiny.parallel.tensor_model_parallel_size == 2
