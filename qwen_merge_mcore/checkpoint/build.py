@@ -19,7 +19,7 @@ from tqdm import tqdm
 from ..templates import chat_template
 from ..utils.atomic import atomic_output_dir
 from .hf_shapes import check_shapes, qwen2_5_vl_vision_shapes, qwen3_shapes
-from .safetensors_io import CheckpointError, PlannedTensor, SafetensorsFolder, ShardedSafetensorsWriter
+from .safetensors_io import CheckpointError, SafetensorsFolder, ShardedSafetensorsWriter, TensorSpec
 
 MERGE_MODEL_TYPE = "qwen2_5_vl_merge"
 MERGE_ARCHITECTURE = "Qwen2_5_VL_MergeForConditionalGeneration"
@@ -107,7 +107,7 @@ def check_token_ids(llm_dir: Path, cfg: dict) -> None:
 
 def build_qwen_merge(vlm_dir: str | Path, llm_dir: str | Path, out: str | Path, overwrite: bool = False,
                      dtype: str | None = None, seed: int = 0, init_std: float = 0.02,
-                     max_shard_bytes: int = 5 << 30, progress: bool = True) -> BuildResult:
+                     max_shard_bytes: int = 5 * 10**9, progress: bool = True) -> BuildResult:
     vlm_dir, llm_dir = Path(vlm_dir), Path(llm_dir)
     vlm_cfg, llm_cfg = read_config(vlm_dir, "Qwen2.5-VL"), read_config(llm_dir, "Qwen3")
     cfg = merged_config(vlm_cfg, llm_cfg, dtype)
@@ -117,8 +117,8 @@ def build_qwen_merge(vlm_dir: str | Path, llm_dir: str | Path, out: str | Path, 
     llm_shapes = qwen3_shapes(llm_cfg)
     check_shapes(vlm, vis_shapes, "Qwen2.5-VL vision part")
     check_shapes(llm, llm_shapes, "Qwen3")
-    extra = sorted(n for n in vlm.keys() if n.startswith("visual.") and n not in vis_shapes)
-    extra += sorted(n for n in llm.keys() if n not in llm_shapes and not
+    extra = sorted(n for n in vlm.names() if n.startswith("visual.") and n not in vis_shapes)
+    extra += sorted(n for n in llm.names() if n not in llm_shapes and not
                     (n == "lm_head.weight" and cfg["tie_word_embeddings"]))
     if extra:
         raise CheckpointError(f"tensors the configs do not account for: {', '.join(extra[:10])}")
@@ -126,13 +126,13 @@ def build_qwen_merge(vlm_dir: str | Path, llm_dir: str | Path, out: str | Path, 
     hidden, merger_out = llm_cfg["hidden_size"], vlm_cfg["vision_config"]["out_hidden_size"]
     out_dtype = DTYPES.get(dtype) if dtype else None
     sources = [(vlm, n) for n in vis_shapes] + [(llm, n) for n in llm_shapes]
-    plan = [PlannedTensor(n, src.info(n).shape, out_dtype or src.info(n).dtype) for src, n in sources]
-    new_dtype = out_dtype or vlm.info("visual.merger.mlp.2.weight").dtype
-    plan += [PlannedTensor(f"{NEW_LAYER}.weight", (hidden, merger_out), new_dtype),
-             PlannedTensor(f"{NEW_LAYER}.bias", (hidden,), new_dtype)]
+    plan = [TensorSpec(n, src.spec(n).shape, out_dtype or src.spec(n).dtype) for src, n in sources]
+    new_dtype = out_dtype or vlm.spec("visual.merger.mlp.2.weight").dtype
+    plan += [TensorSpec(f"{NEW_LAYER}.weight", (hidden, merger_out), new_dtype),
+             TensorSpec(f"{NEW_LAYER}.bias", (hidden,), new_dtype)]
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         writer = ShardedSafetensorsWriter(tmp, plan, max_shard_bytes)
-        bar = tqdm(total=writer.total_bytes, unit="B", unit_scale=True, desc="build", disable=not progress)
+        bar = tqdm(total=writer.total_size, unit="B", unit_scale=True, desc="build", disable=not progress)
         for src, name in sources:
             t = src.get(name)
             writer.write(name, t.to(out_dtype) if out_dtype else t)
@@ -144,10 +144,10 @@ def build_qwen_merge(vlm_dir: str | Path, llm_dir: str | Path, out: str | Path, 
         writer.write(f"{NEW_LAYER}.bias", torch.zeros(hidden, dtype=new_dtype))
         bar.update(weight.numel() * new_dtype.itemsize + hidden * new_dtype.itemsize)
         bar.close()
-        writer.finish()
+        writer.close()
         _write_side_files(tmp, vlm_dir, llm_dir, cfg)
         n = len(plan)
-    return BuildResult(Path(out), n, writer.total_bytes)
+    return BuildResult(Path(out), n, writer.total_size)
 
 
 def _write_side_files(tmp: Path, vlm_dir: Path, llm_dir: Path, cfg: dict) -> None:

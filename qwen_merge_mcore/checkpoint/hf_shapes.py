@@ -39,8 +39,8 @@ def qwen2_5_vl_vision_shapes(vision_config: dict) -> dict[str, tuple[int, ...]]:
 def check_shapes(folder: SafetensorsFolder, expected: dict[str, tuple[int, ...]], what: str) -> None:
     """Every expected tensor present with the shape the config implies."""
     missing = sorted(n for n in expected if n not in folder)
-    wrong = [f"{n}: file {folder.info(n).shape}, config implies {s}"
-             for n, s in expected.items() if n in folder and folder.info(n).shape != s]
+    wrong = [f"{n}: file {folder.spec(n).shape}, config implies {s}"
+             for n, s in expected.items() if n in folder and folder.spec(n).shape != s]
     if missing or wrong:
         lines = ([f"missing tensors: {', '.join(missing[:10])}" + (" ..." if len(missing) > 10 else "")]
                  if missing else [])

@@ -12,15 +12,16 @@ def add_arguments(p) -> None:
                    help="cast every tensor (default: keep each source dtype)")
     p.add_argument("--seed", type=int, default=0, help="seed of the new projector layer's init")
     p.add_argument("--init-std", type=float, default=0.02, help="std of the new visual.merger.mlp.4 weight")
-    p.add_argument("--max-shard-size", type=float, default=5.0, help="output shard size in GB")
+    p.add_argument("--max-shard-size", default="5GB", help="output shard size cap, e.g. 5GB or 500MB")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
 
 def run(args) -> int:
     from ..checkpoint.build import build_qwen_merge
+    from ..checkpoint.safetensors_io import parse_size
 
     res = build_qwen_merge(args.vlm, args.llm, args.out, overwrite=args.overwrite, dtype=args.dtype,
                            seed=args.seed, init_std=args.init_std,
-                           max_shard_bytes=int(args.max_shard_size * (1 << 30)))
+                           max_shard_bytes=parse_size(args.max_shard_size))
     print(f"wrote {res.tensors} tensors ({res.bytes / 1e9:.2f} GB) to {res.out}")
     return 0

@@ -116,6 +116,9 @@ class ModelConfig:
     """The whole Qwen-Merge model. `preset` names the shapes it started from (see presets.py)."""
 
     preset: Optional[str] = None
+    # What the checkpoint holds: Qwen-Merge (ViT + projector with mlp.4 + Qwen3), a plain
+    # text-only Qwen3, or a plain Qwen2.5-VL (merger without mlp.4, Qwen2.5 LLM).
+    architecture: Literal["qwen_merge", "qwen3", "qwen2_5_vl"] = "qwen_merge"
     vision: VisionConfig = field(default_factory=VisionConfig)
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     language: LanguageConfig = field(default_factory=LanguageConfig)
@@ -127,15 +130,24 @@ class ModelConfig:
     # parallel linears + torch SDPA, runs on CPU), `auto` (te where it imports).
     backend: Literal["auto", "te", "local"] = "auto"
 
+    @property
+    def has_vision(self) -> bool:
+        return self.architecture != "qwen3"
+
     def validate(self, prefix: str = "model") -> None:
         self.vision.validate(f"{prefix}.vision")
         self.projector.validate(f"{prefix}.projector")
         self.language.validate(f"{prefix}.language")
+        if self.architecture == "qwen2_5_vl":
+            _require(not self.projector.extra_layer, f"{prefix}.projector.extra_layer",
+                     "a plain Qwen2.5-VL has no mlp.4")
         if not self.projector.extra_layer:
             _require(self.projector.merger_out_size == self.language.hidden_size,
                      f"{prefix}.projector.merger_out_size", "without extra_layer the merger must end in "
                      f"the LLM width {self.language.hidden_size}, got {self.projector.merger_out_size}")
         for name in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+            if not self.has_vision:
+                break
             value = getattr(self, name)
             _require(0 <= value < self.language.vocab_size, f"{prefix}.{name}",
                      f"{value} is outside the vocabulary (size {self.language.vocab_size})")
