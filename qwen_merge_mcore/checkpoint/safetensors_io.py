@@ -130,8 +130,9 @@ class SafetensorsFolder:
     def total_bytes(self) -> int:
         return sum(self._specs[n].nbytes for n in self.weight_map)
 
-    def get(self, name: str, rows: slice | None = None) -> torch.Tensor:
-        """Tensor `name`, or only the rows `rows` of its first dimension (one contiguous read)."""
+    def get(self, name: str, rows: slice | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Tensor `name`, or only the rows `rows` of its first dimension (one contiguous read);
+        into `out` (a contiguous tensor of that shape and dtype) when given."""
         spec = self.spec(name)
         fname, begin, end = self._where[name]
         shape = list(spec.shape)
@@ -142,7 +143,12 @@ class SafetensorsFolder:
             row_bytes = (end - begin) // shape[0]
             begin, end = begin + start * row_bytes, begin + stop * row_bytes
             shape[0] = stop - start
-        buf = bytearray(end - begin)
+        if out is not None:
+            if tuple(out.shape) != tuple(shape) or out.dtype != spec.dtype or not out.is_contiguous():
+                raise ValueError(f"{name}: out must be contiguous {tuple(shape)} {spec.dtype}")
+            buf = out.view(-1).view(torch.uint8).numpy() if out.numel() else bytearray()
+        else:
+            buf = bytearray(end - begin)
         path = self.folder / fname
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -154,6 +160,8 @@ class SafetensorsFolder:
                 got += n
         finally:
             os.close(fd)
+        if out is not None:
+            return out
         if not buf:
             return torch.empty(shape, dtype=spec.dtype)
         return torch.frombuffer(buf, dtype=spec.dtype).reshape(shape)

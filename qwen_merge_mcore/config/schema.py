@@ -357,7 +357,8 @@ def validate_layout(model: ModelConfig, parallel: ParallelConfig) -> None:
              f"{tp} does not divide model.language.num_attention_heads={lang.num_attention_heads}")
     _require(lang.num_query_groups % tp == 0, key,
              f"{tp} does not divide model.language.num_query_groups={lang.num_query_groups} (KV heads)")
-    _require(vis.num_heads % tp == 0, key, f"{tp} does not divide model.vision.num_heads={vis.num_heads}")
+    if model.has_vision:
+        _require(vis.num_heads % tp == 0, key, f"{tp} does not divide model.vision.num_heads={vis.num_heads}")
     pp = parallel.pipeline_model_parallel_size
     vpp = parallel.virtual_pipeline_model_parallel_size or 1
     layers = lang.num_layers
