@@ -38,7 +38,7 @@ class ConvertOptions:
     pp: int = 1
     vpp: Optional[int] = None
     first_stage_layers: Optional[int] = None
-    spec: str = "local"
+    spec: str = "auto"  # layer names of the training backend: te, local, or auto (te where it imports)
     dtype: str = "bf16"
     overwrite: bool = False
     progress: bool = True
@@ -112,7 +112,7 @@ def model_state(chunks: list) -> dict:
 
 
 def convert_rank(hf_dir: str, out_dir: str, cfg: ModelConfig, parallel: ParallelConfig, dtype: str,
-                 progress: bool, sync_files: bool) -> dict:
+                 progress: bool = False, sync_files: bool = True) -> dict:
     """One rank's part of the conversion (inside an initialised process group)."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
@@ -147,34 +147,72 @@ def convert_rank(hf_dir: str, out_dir: str, cfg: ModelConfig, parallel: Parallel
 
 
 def hf_to_mcore(opts: ConvertOptions) -> Path:
+    """Convert, spawning one CPU/GPU process per model-parallel rank, or, under torchrun/srun
+    (WORLD_SIZE set), as this process's rank."""
+    from ..models.backend import resolve_backend
+
     folder = SafetensorsFolder(opts.hf)
-    cfg = read_model_config(folder, opts.spec)
+    cfg = read_model_config(folder, resolve_backend(opts.spec))
     parallel = opts.parallel
     check_layout(cfg, parallel)
     check_coverage(folder, cfg)
-    world = opts.tp * opts.pp
+    refuse_existing(Path(opts.out), opts.overwrite)
+    args = (cfg, parallel, opts.dtype, opts.progress, opts.sync_files)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return _as_launched_rank(opts, folder, cfg, args)
     with atomic_output_dir(opts.out, overwrite=opts.overwrite) as tmp:
-        results = _spawn(world, opts, (str(folder.folder), str(tmp), cfg, parallel, opts.dtype, opts.progress,
-                                       opts.sync_files))
-        problems = sorted({p for r in results for p in r["problems"]})
-        if problems:
-            raise CheckpointError(f"{opts.hf}: cannot convert: " + "; ".join(problems[:10]))
-        copy_hf_meta(folder.folder, tmp / HF_META)
-        manifest = {"source": str(Path(opts.hf).absolute()), "format": "torch_dist",
-                    "architecture": cfg.architecture, "spec": opts.spec, "dtype": opts.dtype,
-                    "parallel": {"tp": opts.tp, "pp": opts.pp, "vpp": opts.vpp,
-                                 "first_stage_layers": opts.first_stage_layers},
-                    "tensors": sorted((w for r in results for w in r["written"]),
-                                      key=lambda w: (w["key"], w["offset"]))}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        from ..testing.distributed import run_distributed
+
+        results = run_distributed(convert_rank, world_size=opts.tp * opts.pp, tp=opts.tp, pp=opts.pp,
+                                  vpp=opts.vpp, args=(str(folder.folder), str(tmp), *args), timeout=24 * 3600)
+        _finish(tmp, results, folder, cfg, opts)
     return Path(opts.out)
 
 
-def _spawn(world: int, opts: ConvertOptions, args: tuple) -> list[dict]:
-    from ..testing.distributed import run_distributed
+def _as_launched_rank(opts: ConvertOptions, folder: SafetensorsFolder, cfg: ModelConfig, args: tuple) -> Path:
+    import contextlib
 
-    return run_distributed(convert_rank, world_size=world, tp=opts.tp, pp=opts.pp, vpp=opts.vpp, args=args,
-                           timeout=24 * 3600)
+    import torch.distributed as dist
+
+    from .. import distributed
+
+    distributed.initialize(opts.parallel)
+    try:
+        rank0 = dist.get_rank() == 0
+        with (atomic_output_dir(opts.out, overwrite=opts.overwrite) if rank0 else contextlib.nullcontext()) as tmp:
+            box = [str(tmp) if rank0 else None]
+            dist.broadcast_object_list(box, src=0)
+            result = convert_rank(str(folder.folder), box[0], *args)
+            results: list = [None] * dist.get_world_size()
+            dist.all_gather_object(results, result)
+            if rank0:
+                _finish(tmp, results, folder, cfg, opts)
+            elif any(r["problems"] for r in results):
+                raise CheckpointError("conversion refused (see rank 0)")
+            dist.barrier()
+    finally:
+        distributed.destroy()
+    return Path(opts.out)
+
+
+def refuse_existing(out: Path, overwrite: bool) -> None:
+    """Checked up front, on every rank, so that no rank waits for one that refused."""
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} already exists and is not empty; pass --overwrite to replace it")
+
+
+def _finish(tmp: Path, results: list[dict], folder: SafetensorsFolder, cfg: ModelConfig,
+            opts: ConvertOptions) -> None:
+    problems = sorted({p for r in results for p in r["problems"]})
+    if problems:
+        raise CheckpointError(f"{opts.hf}: cannot convert: " + "; ".join(problems[:10]))
+    copy_hf_meta(folder.folder, tmp / HF_META)
+    manifest = {"source": str(Path(opts.hf).absolute()), "format": "torch_dist",
+                "architecture": cfg.architecture, "spec": cfg.backend, "dtype": opts.dtype,
+                "parallel": {"tp": opts.tp, "pp": opts.pp, "vpp": opts.vpp,
+                             "first_stage_layers": opts.first_stage_layers},
+                "tensors": sorted((w for r in results for w in r["written"]), key=lambda w: (w["key"], w["offset"]))}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
 
 
 def copy_hf_meta(hf_dir: Path, dest: Path) -> None:
