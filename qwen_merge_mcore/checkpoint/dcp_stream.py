@@ -17,6 +17,7 @@ memory would be its whole shard; here it is the largest single tensor.
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -28,7 +29,7 @@ from megatron.core.dist_checkpointing.strategies.torch import (MCoreSavePlanner,
                                                                _replace_state_dict_keys_with_sharded_keys,
                                                                mcore_to_pyt_state_dict)
 from torch.distributed import checkpoint as dcp
-from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX, FileSystemWriter, _write_item
+from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX, FileSystemWriter, _item_size, _write_item
 from torch.distributed.checkpoint.planner import WriteItemType
 
 Materialize = Callable[[ShardedTensor], torch.Tensor]
@@ -56,14 +57,26 @@ class _LazyPlanner(MCoreSavePlanner):
 
 
 class _StreamingWriter(FileSystemWriter):
-    """One file per rank, items resolved, written and released one at a time."""
+    """One file per rank, items resolved, written and released in order. The next item is
+    resolved (read from the source) on a helper thread while the current one is written, as long
+    as both together stay under `readahead_bytes`."""
+
+    def __init__(self, path, sync_files: bool = True, readahead_bytes: int = 1 << 30):
+        super().__init__(path, sync_files=sync_files)
+        self.readahead_bytes = readahead_bytes
 
     def write_data(self, plan, planner):
         name = f"{plan.storage_data.prefix}0{DEFAULT_SUFFIX}"
+        items = plan.items
+        sizes = [_item_size(i) if i.type != WriteItemType.BYTE_IO else 0 for i in items]
         results = []
-        with self.fs.create_stream(self.fs.concat_path(self.path, name), "wb") as stream:
-            for item in plan.items:
-                data = planner.resolve_data(item)
+        with ThreadPoolExecutor(1) as pool, \
+                self.fs.create_stream(self.fs.concat_path(self.path, name), "wb") as stream:
+            ahead = {}
+            for k, item in enumerate(items):
+                data = ahead.pop(k).result() if k in ahead else planner.resolve_data(item)
+                if k + 1 < len(items) and sizes[k] + sizes[k + 1] <= self.readahead_bytes:
+                    ahead[k + 1] = pool.submit(planner.resolve_data, items[k + 1])
                 if isinstance(data, torch.Tensor):
                     data = data.detach().cpu()
                 results.append(_write_item(self.transforms, stream, data, item, name, self.serialization_format))

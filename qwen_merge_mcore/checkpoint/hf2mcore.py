@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import os
+import resource
+import time
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -140,10 +142,13 @@ def convert_rank(hf_dir: str, out_dir: str, cfg: ModelConfig, parallel: Parallel
                     if is_main_replica(t.replica_id))
         bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"hf2mcore (rank 0 of {dist.get_world_size()})")
         source.on_write = bar.update
+    start = time.perf_counter()
     save_streaming(state, out_dir, source.materialize, sync_files=sync_files)
     if bar is not None:
         bar.close()
-    return {"problems": [], "written": [asdict(w) for w in source.written], "pid": os.getpid()}
+    return {"problems": [], "written": [asdict(w) for w in source.written],
+            "rank": {"rank": dist.get_rank(), "save_seconds": time.perf_counter() - start,
+                     "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}}
 
 
 def hf_to_mcore(opts: ConvertOptions) -> Path:
@@ -211,6 +216,7 @@ def _finish(tmp: Path, results: list[dict], folder: SafetensorsFolder, cfg: Mode
                 "architecture": cfg.architecture, "spec": cfg.backend, "dtype": opts.dtype,
                 "parallel": {"tp": opts.tp, "pp": opts.pp, "vpp": opts.vpp,
                              "first_stage_layers": opts.first_stage_layers},
+                "ranks": [r["rank"] for r in results],
                 "tensors": sorted((w for r in results for w in r["written"]), key=lambda w: (w["key"], w["offset"]))}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
 
