@@ -357,8 +357,13 @@ def validate_layout(model: ModelConfig, parallel: ParallelConfig) -> None:
              f"{tp} does not divide model.language.num_attention_heads={lang.num_attention_heads}")
     _require(lang.num_query_groups % tp == 0, key,
              f"{tp} does not divide model.language.num_query_groups={lang.num_query_groups} (KV heads)")
+    # Column/row-parallel MLPs split their width over TP (Megatron's divide() asserts it).
+    _require(lang.ffn_hidden_size % tp == 0, key,
+             f"{tp} does not divide model.language.ffn_hidden_size={lang.ffn_hidden_size}")
     if model.has_vision:
         _require(vis.num_heads % tp == 0, key, f"{tp} does not divide model.vision.num_heads={vis.num_heads}")
+        _require(vis.intermediate_size % tp == 0, key,
+                 f"{tp} does not divide model.vision.intermediate_size={vis.intermediate_size} (ViT MLP width)")
     pp = parallel.pipeline_model_parallel_size
     vpp = parallel.virtual_pipeline_model_parallel_size or 1
     layers = lang.num_layers

@@ -79,6 +79,12 @@ def _bias_dropout_add():
     return get_bias_dropout_add
 
 
+def parallel_linears(backend: str) -> tuple[type, type]:
+    """(column-parallel, row-parallel) linear classes of a backend (the projector's layers)."""
+    provider = _provider(backend)
+    return provider.column_parallel_linear(), provider.row_parallel_linear()
+
+
 def norm_module(backend: str) -> type:
     """The RMSNorm class of a backend (final layernorm, projector ln_q)."""
     return _provider(backend).layer_norm(rms_norm=True, for_qk=False)
