@@ -176,7 +176,8 @@ class GatedMLP(Transform):
         for name, base in ((gate, 0), (up, n)):  # Megatron's SwiGLU shards lie within gate or up
             if base <= start and stop <= base + n:
                 return folder.get(name, rows=slice(start - base, stop - base))[(slice(None), *index[1:])]
-        return super().megatron_slice(folder, hf, index)
+        raise CheckpointError(f"rows {start}:{stop} of {gate} + {up} straddle gate and up; Megatron's SwiGLU "
+                              "sharding never asks for that")
 
 
 # ---------------------------------------------------------------------------------------------
