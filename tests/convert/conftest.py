@@ -17,9 +17,8 @@ import torch
 from .workers import Job, convert_then_reload
 
 LAYOUTS = {  # name -> (tp, pp, vpp, first_stage_layers)
-    "merge": [(1, 1, None, None), (2, 1, None, None), (1, 2, None, None), (2, 2, None, None), (1, 2, 2, None),
-              (1, 2, None, 1)],
-    "qwen3": [(2, 2, None, None), (1, 2, 2, None)],
+    "merge": [(1, 1, None, None), (2, 1, None, None), (2, 2, None, None), (1, 2, 2, None), (1, 2, None, 1)],
+    "qwen3": [(2, 2, None, None)],
     "qwen3-tied": [(1, 1, None, None), (2, 2, None, None), (1, 2, 2, None)],
     "qwen2_5_vl": [(1, 1, None, None), (1, 2, None, None)],
     "qwen3-kv4": [(4, 1, None, None)],
