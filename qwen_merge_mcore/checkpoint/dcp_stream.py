@@ -8,10 +8,10 @@ so `dist_checkpointing.load` reads the result like any Megatron checkpoint, at a
 The difference is where the bytes come from. The sharded state dict may hold meta tensors (a
 model built on the meta device): its keys, global shapes and offsets are all the writer needs
 to plan. Only when torch.distributed.checkpoint asks for one write item's data does the planner
-call `materialize(sharded_tensor)`, and the storage writer serialises it and lets it go before
-asking for the next. torch's stock FileSystemWriter keeps every tensor of a file referenced until
-the file is closed (and Megatron's async writer stages the whole shard), so a rank's peak
-memory would be its whole shard; here it is the largest single tensor.
+call `materialize(sharded_tensor)`, and the storage writer serialises it and lets it go (the next
+item is read meanwhile, within a byte budget). torch's stock FileSystemWriter keeps every tensor
+of a file referenced until the file is closed (and Megatron's async writer stages the whole
+shard), so a rank's peak memory would be its whole shard; here it is one or two tensors.
 """
 
 from __future__ import annotations
