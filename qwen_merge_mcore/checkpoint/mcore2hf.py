@@ -123,7 +123,9 @@ def mcore_to_hf(mcore_dir: str | Path, out: str | Path, dtype: str | None = None
 
 def _check_leftovers(metadata: dict, stored: dict[str, _StoredTensor]) -> None:
     used = {s.key for s in stored.values()}
-    leftover = sorted(k for k in metadata if k not in used and not k.endswith("_extra_state"))
+    # A training checkpoint also holds the optimizer's state (`optimizer.*`), which has no HF form.
+    leftover = sorted(k for k in metadata if k not in used and not k.endswith("_extra_state")
+                      and not k.startswith("optimizer."))
     if leftover:
         raise CheckpointError(f"{len(leftover)} checkpoint tensors have no HF mapping: {preview(leftover)}")
 
