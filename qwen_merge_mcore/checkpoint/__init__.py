@@ -1,0 +1,1 @@
+"""Checkpoint I/O and conversion between Hugging Face and Megatron-Core layouts."""
