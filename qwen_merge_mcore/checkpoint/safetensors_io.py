@@ -145,21 +145,31 @@ class SafetensorsReader:
             raise KeyError(f"{self.folder}: no tensor named {name}")
         return self._specs[name]
 
-    def get(self, name: str) -> torch.Tensor:
-        """Read one tensor from disk into its own memory (the shard stays open for the next read)."""
+    def get(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Read one tensor, or its rows [start, stop) along dim 0, from disk into its own memory.
+
+        Rows of a row-major tensor are one contiguous byte range, so a large tensor can be
+        processed in slices without ever being whole in memory.
+        """
         spec = self.spec(name)
+        shape, start, stop = spec.shape, 0, spec.nbytes
+        if rows is not None:
+            if not spec.shape or not 0 <= rows[0] <= rows[1] <= spec.shape[0]:
+                raise ValueError(f"{name}: rows {rows} out of range for shape {spec.shape}")
+            row_bytes = spec.nbytes // spec.shape[0] if spec.shape[0] else 0
+            shape, start, stop = (rows[1] - rows[0], *spec.shape[1:]), rows[0] * row_bytes, rows[1] * row_bytes
         shard = self._shard_of[name]
         fd = self._fds.get(shard)
         if fd is None:
             fd = self._fds[shard] = os.open(self.folder / shard, os.O_RDONLY)
-        raw = torch.empty(spec.nbytes, dtype=torch.uint8)
+        raw = torch.empty(stop - start, dtype=torch.uint8)
         view, done = memoryview(raw.numpy()), 0
-        while done < spec.nbytes:  # one read returns at most ~2 GiB on Linux
-            n = os.preadv(fd, [view[done:]], self._offsets[name] + done)
+        while done < len(view):  # one read returns at most ~2 GiB on Linux
+            n = os.preadv(fd, [view[done:]], self._offsets[name] + start + done)
             if n == 0:
                 raise CheckpointError(f"{self.folder / shard}: file ended inside tensor {name} (truncated?)")
             done += n
-        return raw.view(spec.dtype).reshape(spec.shape)
+        return raw.view(spec.dtype).reshape(shape)
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -206,6 +216,7 @@ class ShardedSafetensorsWriter:
         self._shard_by_name = {s.name: shard for shard in self._shards for s in shard.specs}
         self._spec_by_name = {s.name: s for s in specs}
         self._open: dict[str, object] = {}
+        self._unwritten = {s.name: s.nbytes for s in specs}
         self.total_size = sum(s.nbytes for s in specs)
 
     def _layout(self, file: str, specs: list[TensorSpec]) -> _Shard:
@@ -221,12 +232,17 @@ class ShardedSafetensorsWriter:
         offsets = {s.name: len(blob) + header[s.name]["data_offsets"][0] for s in specs}
         return _Shard(file, specs, offsets, blob, {s.name for s in specs})
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: torch.Tensor, row_start: int = 0) -> None:
+        """Write a whole tensor, or rows of it starting at `row_start` (each row exactly once)."""
         spec = self._spec_by_name.get(name)
         if spec is None:
             raise KeyError(f"{name} is not in the output plan")
-        if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
-            raise ValueError(f"{name}: got {tuple(tensor.shape)} {tensor.dtype}, planned {spec.shape} {spec.dtype}")
+        whole = tuple(tensor.shape) == spec.shape and row_start == 0
+        fits = (tensor.dim() == len(spec.shape) > 0 and tuple(tensor.shape[1:]) == spec.shape[1:]
+                and 0 <= row_start and row_start + tensor.shape[0] <= spec.shape[0])
+        if tensor.dtype != spec.dtype or not (whole or fits):
+            raise ValueError(f"{name}: got {tuple(tensor.shape)} {tensor.dtype} at row {row_start}, "
+                             f"planned {spec.shape} {spec.dtype}")
         shard = self._shard_by_name[name]
         if name not in shard.pending:
             raise ValueError(f"{name} was already written")
@@ -234,11 +250,14 @@ class ShardedSafetensorsWriter:
         if f is None:
             f = self._open[shard.file] = open(self.folder / shard.file, "wb")
             f.write(shard.header)
-        f.seek(shard.offsets[name])
         data = tensor.detach().cpu().contiguous().reshape(-1)
+        row_bytes = spec.nbytes // spec.shape[0] if spec.shape and spec.shape[0] else 0
+        f.seek(shard.offsets[name] + row_start * row_bytes)
         if data.numel():
             f.write(memoryview(data.view(torch.uint8).numpy()))
-        shard.pending.discard(name)
+        self._unwritten[name] -= data.numel() * data.element_size()
+        if self._unwritten[name] <= 0:
+            shard.pending.discard(name)
         if not shard.pending:  # flush a full shard now, not at the end
             f.close()
             del self._open[shard.file]

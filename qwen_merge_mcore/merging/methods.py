@@ -31,15 +31,26 @@ def linear(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.T
     return out
 
 
-def trim_top_magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Zero all but the ceil(density * numel) largest-magnitude entries (ties at the cut are kept)."""
+def magnitude_threshold(magnitudes: torch.Tensor, density: float) -> float | None:
+    """The smallest |d| among the ceil(density * numel) largest; None when everything is kept."""
     _check_density(density)
-    k = math.ceil(density * delta.numel())
-    if k >= delta.numel():
-        return delta.clone()
-    magnitude = delta.abs().reshape(-1)
-    threshold = torch.kthvalue(magnitude, magnitude.numel() - k + 1).values
+    k = math.ceil(density * magnitudes.numel())
+    if k >= magnitudes.numel():
+        return None
+    flat = magnitudes.reshape(-1)
+    return torch.kthvalue(flat, flat.numel() - k + 1).values.item()
+
+
+def trim_at(delta: torch.Tensor, threshold: float | None) -> torch.Tensor:
+    """Zero the entries with |d| below the threshold (entries equal to it are kept)."""
+    if threshold is None:
+        return delta
     return torch.where(delta.abs() >= threshold, delta, torch.zeros_like(delta))
+
+
+def trim_top_magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the ceil(density * numel) largest-magnitude entries (ties at the cut are kept), zero the rest."""
+    return trim_at(delta, magnitude_threshold(delta.abs(), density))
 
 
 def dare(delta: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:

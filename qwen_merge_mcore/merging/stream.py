@@ -1,11 +1,14 @@
-"""Run a merge over Hugging Face folders, one tensor at a time.
+"""Run a merge over Hugging Face folders, one tensor (and one slice of rows) at a time.
 
-For each tensor of the first model: if it is a merged language-model tensor, read the same
-tensor from every input (and the base), merge in float32, cast back to the first model's dtype
-and write it; otherwise copy the first model's tensor as it is. Memory holds the few tensors of
-one step, never a model. Random methods (DARE) draw from a generator seeded by the run seed
-and a stable hash of the tensor name and model index, so the result does not depend on the
-order tensors are visited in. The output is built in a temporary folder and renamed at the end.
+For each tensor of the first model: if it is a merged language-model tensor, read the same rows
+from every input (and the base), merge them in float32, cast back to the first model's dtype and
+write them; otherwise copy the first model's tensor through. Tensors are processed in slices of
+rows, so memory holds a few slices, never a model and not even a whole large tensor; TIES alone
+needs one float32 copy of a tensor's task vector magnitudes to find its top-density cut.
+
+Random methods (DARE) draw from one generator per tensor and model, seeded by the run seed and a
+stable hash of the tensor name, so results do not depend on the order tensors are visited in.
+The output is built in a temporary folder and renamed into place at the end.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -27,9 +31,12 @@ from .validate import check_compatible
 
 MERGED_ROLES = ("layer", "final_norm")
 EMBEDDING_ROLES = ("embedding", "output")
+DARE_METHODS = ("dare_linear", "dare_ties")
 # Weights and their indexes come from the merge; every other top-level file is copied from models[0].
 WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json", ".pt", ".pth", ".ckpt")
 INFO_NAME = "merge_info.json"
+# Slices of about 4M elements: 16 MB per float32 operand, a dozen operands at most.
+CHUNK_ELEMENTS = 1 << 22
 
 
 def tensor_seed(seed: int, name: str, model_index: int) -> int:
@@ -42,31 +49,79 @@ def _generators(seed: int, name: str, n: int) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(tensor_seed(seed, name, i)) for i in range(n)]
 
 
-def merge_tensor(spec: MergeSpec, name: str, layer: int | None, inputs: list[torch.Tensor],
-                 base: torch.Tensor | None) -> torch.Tensor:
-    """The merged value of one language-model tensor (float32), from each model's copy of it."""
+def row_chunks(shape: tuple[int, ...], chunk_elements: int = CHUNK_ELEMENTS) -> list[tuple[int, int] | None]:
+    """Row ranges of about chunk_elements each; [None] (the whole tensor) for scalars and empty tensors."""
+    if not shape or shape[0] == 0:
+        return [None]
+    rows = max(1, chunk_elements // max(1, math.prod(shape[1:])))
+    return [(r, min(r + rows, shape[0])) for r in range(0, shape[0], rows)]
+
+
+def merge_chunk(spec: MergeSpec, layer: int | None, inputs: list[torch.Tensor], base: torch.Tensor | None,
+                thresholds: list[float | None] | None, generators: list[torch.Generator] | None) -> torch.Tensor:
+    """The merged value (float32) of matching slices of one language-model tensor.
+
+    thresholds: the TIES magnitude cut of each model's task vector, over the whole tensor.
+    generators: the DARE generator of each model, consumed slice after slice in row order.
+    """
     weights = spec.resolved_weights
     xs = [t.float() for t in inputs]
-    if spec.method == "linear":
+    if spec.method == "layerswap" and layer is not None and layer in spec.layers:
+        return xs[0]
+    if spec.method in ("linear", "layerswap"):
         return methods.linear(xs, weights)
-    if spec.method == "layerswap":
-        if layer is not None and layer in spec.layers:
-            return xs[0]
-        return methods.linear(xs, weights)
-    assert base is not None
     b = base.float()
     deltas = [x - b for x in xs]
     if spec.method == "ties":
-        return b + methods.ties(deltas, weights, spec.density)
-    gens = _generators(spec.seed, name, len(xs))
+        return b + methods.elect_and_average([methods.trim_at(d, t) for d, t in zip(deltas, thresholds)], weights)
     if spec.method == "dare_linear":
-        return b + methods.dare_linear(deltas, weights, spec.density, gens)
-    return b + methods.dare_ties(deltas, weights, spec.density, gens)
+        return b + methods.dare_linear(deltas, weights, spec.density, generators)
+    return b + methods.dare_ties(deltas, weights, spec.density, generators)
+
+
+def merge_tensor(spec: MergeSpec, name: str, layer: int | None, inputs: list[torch.Tensor],
+                 base: torch.Tensor | None) -> torch.Tensor:
+    """A whole tensor merged in one piece: the reference that the sliced, streamed merge equals."""
+    thresholds = generators = None
+    if spec.method == "ties":
+        thresholds = [methods.magnitude_threshold((x.float() - base.float()).abs(), spec.density) for x in inputs]
+    if spec.method in DARE_METHODS:
+        generators = _generators(spec.seed, name, len(inputs))
+    return merge_chunk(spec, layer, inputs, base, thresholds, generators)
+
+
+class _Sources:
+    """Matching row slices of one language-model tensor from every model (and the base)."""
+
+    def __init__(self, readers: list[SafetensorsReader], lm_maps: list[dict[str, str]], key: str, n_models: int,
+                 with_base: bool):
+        self._models = [(r, m[key]) for r, m in zip(readers[:n_models], lm_maps)]
+        self._base = (readers[-1], lm_maps[-1][key]) if with_base else None
+
+    def read(self, rows: tuple[int, int] | None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        base = self._base[0].get(self._base[1], rows) if self._base else None
+        return [r.get(name, rows) for r, name in self._models], base
+
+    def ties_thresholds(self, shape: tuple[int, ...], chunks: list, density: float) -> list[float | None]:
+        """Each model's magnitude cut over its whole task vector, from one float32 buffer filled by slices."""
+        cuts = []
+        for reader, name in self._models:
+            magnitudes = torch.empty(shape, dtype=torch.float32)
+            for rows in chunks:
+                part = (reader.get(name, rows).float() - self._base[0].get(self._base[1], rows).float()).abs()
+                magnitudes[slice(*rows) if rows else ...] = part
+            cuts.append(methods.magnitude_threshold(magnitudes, density))
+            del magnitudes
+        return cuts
 
 
 def merge_folders(spec: MergeSpec, out: str | Path, overwrite: bool = False, max_shard_bytes: int = 5 * 10**9,
-                  progress: bool = True) -> Path:
-    """Merge `spec.models` into a complete Hugging Face folder at `out`; returns `out`."""
+                  progress: bool = True, chunk_elements: int = CHUNK_ELEMENTS) -> Path:
+    """Merge `spec.models` into a complete Hugging Face folder at `out`; returns `out`.
+
+    chunk_elements: slice size in elements. DARE masks are drawn slice after slice, so for a given
+    seed they also depend on it; it is fixed for the CLI.
+    """
     from tqdm import tqdm
 
     out = Path(out).absolute()
@@ -82,19 +137,24 @@ def merge_folders(spec: MergeSpec, out: str | Path, overwrite: bool = False, max
 
         primary = readers[0]
         plan = [primary.spec(n) for n in primary.names]
-        n_models = len(spec.models)
         with atomic_output_dir(out, overwrite=overwrite) as tmp:
             _copy_side_files(spec.models[0], tmp)
             with ShardedSafetensorsWriter(tmp, plan, max_shard_bytes) as writer:
                 for s in tqdm(plan, desc=f"merge ({spec.method})", unit="tensor", disable=not progress):
                     info = classify(s.name)
-                    if info is None or info.key not in merged:
-                        writer.write(s.name, primary.get(s.name))
+                    chunks = row_chunks(s.shape, chunk_elements)
+                    if info is None or info.key not in merged:  # copied through unchanged
+                        for rows in chunks:
+                            writer.write(s.name, primary.get(s.name, rows), rows[0] if rows else 0)
                         continue
-                    inputs = [readers[i].get(lm_maps[i][info.key]) for i in range(n_models)]
-                    base = readers[-1].get(lm_maps[-1][info.key]) if spec.method in TASK_VECTOR_METHODS else None
-                    writer.write(s.name, merge_tensor(spec, s.name, info.layer, inputs, base).to(s.dtype))
-                    del inputs, base
+                    n = len(spec.models)
+                    sources = _Sources(readers, lm_maps, info.key, n, spec.method in TASK_VECTOR_METHODS)
+                    thresholds = sources.ties_thresholds(s.shape, chunks, spec.density) if spec.method == "ties" else None
+                    generators = _generators(spec.seed, s.name, n) if spec.method in DARE_METHODS else None
+                    for rows in chunks:
+                        inputs, base = sources.read(rows)
+                        value = merge_chunk(spec, info.layer, inputs, base, thresholds, generators)
+                        writer.write(s.name, value.to(s.dtype), rows[0] if rows else 0)
             (tmp / INFO_NAME).write_text(json.dumps(_info(spec, sorted(merged.values())), indent=2) + "\n")
     return out
 

@@ -61,6 +61,18 @@ def test_task_vector_merge_of_two_qwen3(tiny, tiny_pair, tmp_path, method):
     assert not torch.equal(load_folder(a)["lm_head.weight"], load_folder(b)["lm_head.weight"])
 
 
+@pytest.mark.parametrize("method", ["ties", "linear", "layerswap"])
+def test_sliced_merge_equals_the_whole_tensor_merge(tiny, tiny_pair, tmp_path, method):
+    # 300-element slices cut every matrix into many row ranges (and a 256-row matrix into 2-row pieces):
+    # the TIES cut is still taken over the whole tensor, so the result is exactly the one-piece merge.
+    a, b = tiny_pair[0]["qwen3"], tiny_pair[1]["qwen3"]
+    kwargs = dict(base=tiny["qwen3"], density=0.3) if method == "ties" else dict(weights=(0.3, 0.7))
+    if method == "layerswap":
+        kwargs["layers"] = frozenset({1})
+    spec = MergeSpec(method, (a, b), **kwargs)
+    assert check_merge(spec, merge_folders(spec, tmp_path / "out", progress=False, chunk_elements=300)) == 45
+
+
 def test_merged_qwen3_loads_and_runs_in_transformers(tiny, tiny_pair, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -47,6 +47,20 @@ def test_sharded_write_in_any_order_reads_back_exactly(tmp_path):
             assert got.dtype == tensor.dtype and torch.equal(got, tensor)
 
 
+def test_rows_are_read_and_written_in_slices(tmp_path):
+    big = torch.arange(60, dtype=torch.float32).reshape(10, 6)
+    with ShardedSafetensorsWriter(tmp_path, [TensorSpec("m", (10, 6), torch.float32)]) as w:
+        for start, stop in ((7, 10), (0, 3), (3, 7)):  # any order, each row once
+            w.write("m", big[start:stop], row_start=start)
+        with pytest.raises(ValueError, match="at row 9"):
+            w.write("m", big[:2], row_start=9)  # would run past the last row
+    with SafetensorsReader(tmp_path) as r:
+        assert torch.equal(r.get("m"), big) and torch.equal(r.get("m", (2, 5)), big[2:5])
+        assert r.get("m", (4, 4)).shape == (0, 6)
+        with pytest.raises(ValueError, match="out of range"):
+            r.get("m", (8, 11))
+
+
 def test_one_shard_is_a_plain_model_safetensors(tmp_path):
     _write(tmp_path, TENSORS, max_shard_bytes=10**9)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
