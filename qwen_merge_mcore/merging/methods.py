@@ -18,7 +18,7 @@ caller adds it back to the base. Weights scale each model's contribution.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -39,6 +39,41 @@ def magnitude_threshold(magnitudes: torch.Tensor, density: float) -> float | Non
         return None
     flat = magnitudes.reshape(-1)
     return torch.kthvalue(flat, flat.numel() - k + 1).values.item()
+
+
+def magnitude_threshold_sliced(slices: Callable[[], Iterable[torch.Tensor]], numel: int,
+                               density: float) -> float | None:
+    """`magnitude_threshold` of a tensor seen only slice by slice, exactly, in memory for one slice.
+
+    `slices()` yields the magnitudes (>= 0) slice after slice and is called twice. Non-negative
+    float32 values order like their bit patterns read as integers, so the k-th largest is found
+    by a histogram of the high 16 bits, then one of the low 16 bits inside the chosen bucket.
+    """
+    _check_density(density)
+    k = math.ceil(density * numel)
+    if k >= numel:
+        return None
+    high = torch.zeros(1 << 16, dtype=torch.int64)
+    for m in slices():
+        high += torch.bincount(_bits(m) >> 16, minlength=1 << 16)
+    bucket, above = _kth_from_top(high, k)
+    low = torch.zeros(1 << 16, dtype=torch.int64)
+    for m in slices():
+        bits = _bits(m)
+        low += torch.bincount(bits[(bits >> 16) == bucket] & 0xFFFF, minlength=1 << 16)
+    low_bits, _ = _kth_from_top(low, k - above)
+    return torch.tensor([(bucket << 16) | low_bits], dtype=torch.int32).view(torch.float32).item()
+
+
+def _bits(magnitudes: torch.Tensor) -> torch.Tensor:
+    return magnitudes.float().contiguous().reshape(-1).view(torch.int32)
+
+
+def _kth_from_top(counts: torch.Tensor, k: int) -> tuple[int, int]:
+    """The bin holding the k-th largest value, and how many values lie in higher bins."""
+    from_top = counts.flip(0).cumsum(0)
+    i = int(torch.searchsorted(from_top, torch.tensor([k])).item())
+    return counts.numel() - 1 - i, int(from_top[i - 1]) if i else 0
 
 
 def trim_at(delta: torch.Tensor, threshold: float | None) -> torch.Tensor:

@@ -3,8 +3,8 @@
 For each tensor of the first model: if it is a merged language-model tensor, read the same rows
 from every input (and the base), merge them in float32, cast back to the first model's dtype and
 write them; otherwise copy the first model's tensor through. Tensors are processed in slices of
-rows, so memory holds a few slices, never a model and not even a whole large tensor; TIES alone
-needs one float32 copy of a tensor's task vector magnitudes to find its top-density cut.
+rows, so memory holds a few slices, never a model and not even a whole large tensor (TIES finds
+its whole-tensor magnitude cut from two extra histogram passes over the slices).
 
 Random methods (DARE) draw from one generator per tensor and model, seeded by the run seed and a
 stable hash of the tensor name, so results do not depend on the order tensors are visited in.
@@ -35,8 +35,8 @@ DARE_METHODS = ("dare_linear", "dare_ties")
 # Weights and their indexes come from the merge; every other top-level file is copied from models[0].
 WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json", ".pt", ".pth", ".ckpt")
 INFO_NAME = "merge_info.json"
-# Slices of about 4M elements: 16 MB per float32 operand, a dozen operands at most.
-CHUNK_ELEMENTS = 1 << 22
+# Slices of about 1M elements: 4 MB per float32 operand, about a dozen operands at once.
+CHUNK_ELEMENTS = 1 << 20
 
 
 def tensor_seed(seed: int, name: str, model_index: int) -> int:
@@ -103,16 +103,15 @@ class _Sources:
         return [r.get(name, rows) for r, name in self._models], base
 
     def ties_thresholds(self, shape: tuple[int, ...], chunks: list, density: float) -> list[float | None]:
-        """Each model's magnitude cut over its whole task vector, from one float32 buffer filled by slices."""
-        cuts = []
-        for reader, name in self._models:
-            magnitudes = torch.empty(shape, dtype=torch.float32)
-            for rows in chunks:
-                part = (reader.get(name, rows).float() - self._base[0].get(self._base[1], rows).float()).abs()
-                magnitudes[slice(*rows) if rows else ...] = part
-            cuts.append(methods.magnitude_threshold(magnitudes, density))
-            del magnitudes
-        return cuts
+        """Each model's magnitude cut over its whole task vector, computed slice by slice."""
+        base_reader, base_name = self._base
+
+        def magnitudes(reader, name):
+            return lambda: ((reader.get(name, rows).float() - base_reader.get(base_name, rows).float()).abs()
+                            for rows in chunks)
+
+        return [methods.magnitude_threshold_sliced(magnitudes(r, n), math.prod(shape), density)
+                for r, n in self._models]
 
 
 def merge_folders(spec: MergeSpec, out: str | Path, overwrite: bool = False, max_shard_bytes: int = 5 * 10**9,

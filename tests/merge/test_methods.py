@@ -155,3 +155,13 @@ def test_parse_layers():
     for bad in ("3-1", "a", ""):
         with pytest.raises(ValueError):
             parse_layers(bad)
+
+
+@pytest.mark.parametrize("density", [0.01, 0.2, 0.5, 0.999, 1.0])
+def test_sliced_magnitude_cut_equals_kthvalue(density):
+    gen = torch.Generator().manual_seed(0)
+    magnitudes = torch.cat([torch.randn(5000, generator=gen).abs(), torch.zeros(300), torch.full((50,), 0.125)])
+    magnitudes = magnitudes[torch.randperm(magnitudes.numel(), generator=gen)]
+    slices = lambda: iter(magnitudes.split(777))  # noqa: E731
+    assert methods.magnitude_threshold_sliced(slices, magnitudes.numel(), density) == \
+        methods.magnitude_threshold(magnitudes, density)
