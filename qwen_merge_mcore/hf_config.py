@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .config import LanguageConfig, VisionConfig
+from .config import LanguageConfig, ModelConfig, ProjectorConfig, VisionConfig
 
 
 def qwen3_config_dict(lang: LanguageConfig, eos_token_id: int, bos_token_id: int | None = None) -> dict:
@@ -46,3 +46,60 @@ def qwen2_5_vl_vision_dict(vision: VisionConfig, out_hidden_size: int) -> dict:
         "out_hidden_size": out_hidden_size,
         "fullatt_block_indexes": list(vision.fullatt_block_indexes),
     }
+
+
+SUPPORTED_MODEL_TYPES = {"qwen2_5_vl_merge": "qwen_merge", "qwen3": "qwen3", "qwen2_5_vl": "qwen2_5_vl"}
+
+
+def model_config_from_hf(hf: dict) -> ModelConfig:
+    """Our ModelConfig from a Hugging Face config.json dict (Qwen-Merge, Qwen3 or Qwen2.5-VL).
+
+    Reads both layouts transformers has used: text fields at the top level with
+    `rope_scaling.mrope_section` (hub checkpoints of Qwen2.5-VL) or under `text_config` with
+    `rope_parameters` (transformers 5).
+    """
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"unsupported model_type {model_type!r}; expected one of {', '.join(SUPPORTED_MODEL_TYPES)}")
+    architecture = SUPPORTED_MODEL_TYPES[model_type]
+    text = hf.get("text_config") or hf
+    rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+    heads = text["num_attention_heads"]
+    lang = LanguageConfig(
+        num_layers=text["num_hidden_layers"], hidden_size=text["hidden_size"], num_attention_heads=heads,
+        num_query_groups=text.get("num_key_value_heads", heads),
+        head_dim=text.get("head_dim") or text["hidden_size"] // heads,
+        ffn_hidden_size=text["intermediate_size"], vocab_size=text["vocab_size"],
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
+        qk_layernorm=architecture != "qwen2_5_vl", add_qkv_bias=architecture == "qwen2_5_vl",
+        rms_norm_eps=text.get("rms_norm_eps", 1e-6),
+        rope_theta=float(rope.get("rope_theta", text.get("rope_theta", 1_000_000.0))),
+        max_position_embeddings=text.get("max_position_embeddings", 40960),
+    )
+    head_dim = lang.head_dim
+    lang.mrope_section = list(rope.get("mrope_section") or _default_mrope_section(head_dim))
+    model = ModelConfig(architecture=architecture, language=lang)
+    if architecture == "qwen3":
+        return model
+    v = hf["vision_config"]
+    model.vision = VisionConfig(
+        depth=v["depth"], hidden_size=v["hidden_size"], num_heads=v["num_heads"],
+        intermediate_size=v["intermediate_size"], patch_size=v.get("patch_size", 14),
+        temporal_patch_size=v.get("temporal_patch_size", 2), spatial_merge_size=v.get("spatial_merge_size", 2),
+        in_channels=v.get("in_channels", v.get("in_chans", 3)), window_size=v.get("window_size", 112),
+        fullatt_block_indexes=list(v.get("fullatt_block_indexes", [])),
+        tokens_per_second=v.get("tokens_per_second", 2),
+    )
+    model.projector = ProjectorConfig(merger_out_size=v["out_hidden_size"], extra_layer=architecture == "qwen_merge")
+    for name in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+        if name in hf:
+            setattr(model, name, hf[name])
+    return model
+
+
+def _default_mrope_section(head_dim: int) -> list[int]:
+    """Qwen2.5-VL's [16, 24, 24] for head_dim 128, scaled to other head sizes (t gets 1/4)."""
+    half = head_dim // 2
+    t = half // 4
+    h = (half - t) // 2
+    return [t, h, half - t - h]

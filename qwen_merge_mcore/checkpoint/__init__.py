@@ -1,1 +1,1 @@
-"""Checkpoint I/O and conversion between Hugging Face and Megatron-Core layouts."""
+"""Checkpoint formats: Hugging Face safetensors folders, the HF<->Megatron mapping table, converters."""

@@ -1,6 +1,6 @@
 """Stream Hugging Face safetensors folders tensor by tensor, in and out.
 
-`SafetensorsReader` opens a folder with or without `*.safetensors.index.json`, checks every
+`SafetensorsFolder` opens a folder with or without `*.safetensors.index.json`, checks every
 shard before any tensor is read (missing shards, truncated files, names the index promises but
 a shard lacks) and hands out one tensor at a time, so a caller never holds more than the
 tensors it is working on. It reads each tensor's bytes with `pread` at the offset the header
@@ -38,7 +38,7 @@ INDEX_NAME = "model.safetensors.index.json"
 
 
 class CheckpointError(ValueError):
-    """A checkpoint folder or file that cannot be read as it claims to be."""
+    """A checkpoint folder is incomplete or corrupt; the message names the file or tensor."""
 
 
 @dataclass(frozen=True)
@@ -80,13 +80,16 @@ def read_header(path: str | Path) -> tuple[dict[str, dict], int]:
     return header, 8 + header_len
 
 
-class SafetensorsReader:
-    """Read-only view of a safetensors checkpoint folder; use as a context manager."""
+class SafetensorsFolder:
+    """Name -> file map of a checkpoint folder; `get(name)` reads one tensor (or rows of it), nothing more.
+
+    Usable as a context manager, which closes the open shard files at the end.
+    """
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
         if not self.folder.is_dir():
-            raise CheckpointError(f"{self.folder}: no such checkpoint folder")
+            raise CheckpointError(f"{self.folder} is not a folder")
         self._shard_of: dict[str, str] = {}
         self._specs: dict[str, TensorSpec] = {}
         self._offsets: dict[str, int] = {}  # absolute file offset of each tensor's bytes
@@ -115,8 +118,8 @@ class SafetensorsReader:
         shards = sorted(set(weight_map.values()))
         missing = [s for s in shards if not (self.folder / s).is_file()]
         if missing:
-            raise CheckpointError(f"{self.folder}: {len(missing)} of {len(shards)} shards listed in {index.name} "
-                                  f"are missing: {', '.join(missing)}")
+            raise CheckpointError(f"{self.folder} is missing shard(s) named in {index.name} "
+                                  f"({len(missing)} of {len(shards)}): {', '.join(missing)}")
         absent = []
         for shard in shards:
             present = self._read_shard(shard)
@@ -134,6 +137,9 @@ class SafetensorsReader:
         return set(header)
 
     @property
+    def weight_map(self) -> dict[str, str]:
+        return dict(self._shard_of)
+
     def names(self) -> list[str]:
         return sorted(self._shard_of)
 
@@ -142,7 +148,7 @@ class SafetensorsReader:
 
     def spec(self, name: str) -> TensorSpec:
         if name not in self._shard_of:
-            raise KeyError(f"{self.folder}: no tensor named {name}")
+            raise CheckpointError(f"{self.folder} has no tensor {name!r}")
         return self._specs[name]
 
     def get(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
@@ -176,7 +182,13 @@ class SafetensorsReader:
             os.close(fd)
         self._fds.clear()
 
-    def __enter__(self) -> "SafetensorsReader":
+    def config(self) -> dict:
+        path = self.folder / "config.json"
+        if not path.exists():
+            raise CheckpointError(f"{self.folder} has no config.json")
+        return json.loads(path.read_text())
+
+    def __enter__(self) -> "SafetensorsFolder":
         return self
 
     def __exit__(self, *exc) -> None:

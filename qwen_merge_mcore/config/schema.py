@@ -116,6 +116,9 @@ class ModelConfig:
     """The whole Qwen-Merge model. `preset` names the shapes it started from (see presets.py)."""
 
     preset: Optional[str] = None
+    # What the checkpoint holds: Qwen-Merge (ViT + projector with mlp.4 + Qwen3), a plain
+    # text-only Qwen3, or a plain Qwen2.5-VL (merger without mlp.4, Qwen2.5 LLM).
+    architecture: Literal["qwen_merge", "qwen3", "qwen2_5_vl"] = "qwen_merge"
     vision: VisionConfig = field(default_factory=VisionConfig)
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     language: LanguageConfig = field(default_factory=LanguageConfig)
@@ -127,15 +130,24 @@ class ModelConfig:
     # parallel linears + torch SDPA, runs on CPU), `auto` (te where it imports).
     backend: Literal["auto", "te", "local"] = "auto"
 
+    @property
+    def has_vision(self) -> bool:
+        return self.architecture != "qwen3"
+
     def validate(self, prefix: str = "model") -> None:
         self.vision.validate(f"{prefix}.vision")
         self.projector.validate(f"{prefix}.projector")
         self.language.validate(f"{prefix}.language")
+        if self.architecture == "qwen2_5_vl":
+            _require(not self.projector.extra_layer, f"{prefix}.projector.extra_layer",
+                     "a plain Qwen2.5-VL has no mlp.4")
         if not self.projector.extra_layer:
             _require(self.projector.merger_out_size == self.language.hidden_size,
                      f"{prefix}.projector.merger_out_size", "without extra_layer the merger must end in "
                      f"the LLM width {self.language.hidden_size}, got {self.projector.merger_out_size}")
         for name in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+            if not self.has_vision:
+                break
             value = getattr(self, name)
             _require(0 <= value < self.language.vocab_size, f"{prefix}.{name}",
                      f"{value} is outside the vocabulary (size {self.language.vocab_size})")
@@ -345,7 +357,13 @@ def validate_layout(model: ModelConfig, parallel: ParallelConfig) -> None:
              f"{tp} does not divide model.language.num_attention_heads={lang.num_attention_heads}")
     _require(lang.num_query_groups % tp == 0, key,
              f"{tp} does not divide model.language.num_query_groups={lang.num_query_groups} (KV heads)")
-    _require(vis.num_heads % tp == 0, key, f"{tp} does not divide model.vision.num_heads={vis.num_heads}")
+    # Column/row-parallel MLPs split their width over TP (Megatron's divide() asserts it).
+    _require(lang.ffn_hidden_size % tp == 0, key,
+             f"{tp} does not divide model.language.ffn_hidden_size={lang.ffn_hidden_size}")
+    if model.has_vision:
+        _require(vis.num_heads % tp == 0, key, f"{tp} does not divide model.vision.num_heads={vis.num_heads}")
+        _require(vis.intermediate_size % tp == 0, key,
+                 f"{tp} does not divide model.vision.intermediate_size={vis.intermediate_size} (ViT MLP width)")
     pp = parallel.pipeline_model_parallel_size
     vpp = parallel.virtual_pipeline_model_parallel_size or 1
     layers = lang.num_layers

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint.safetensors_io import SafetensorsReader, ShardedSafetensorsWriter
+from ..checkpoint.safetensors_io import SafetensorsFolder, ShardedSafetensorsWriter
 from ..utils.atomic import atomic_output_dir
 from . import methods
 from .names import classify, lm_tensors
@@ -93,7 +93,7 @@ def merge_tensor(spec: MergeSpec, name: str, layer: int | None, inputs: list[tor
 class _Sources:
     """Matching row slices of one language-model tensor from every model (and the base)."""
 
-    def __init__(self, readers: list[SafetensorsReader], lm_maps: list[dict[str, str]], key: str, n_models: int,
+    def __init__(self, readers: list[SafetensorsFolder], lm_maps: list[dict[str, str]], key: str, n_models: int,
                  with_base: bool):
         self._models = [(r, m[key]) for r, m in zip(readers[:n_models], lm_maps)]
         self._base = (readers[-1], lm_maps[-1][key]) if with_base else None
@@ -126,7 +126,7 @@ def merge_folders(spec: MergeSpec, out: str | Path, overwrite: bool = False, max
     out = Path(out).absolute()
     folders = list(spec.models) + ([spec.base] if spec.base is not None else [])
     with contextlib.ExitStack() as stack:
-        readers = [stack.enter_context(SafetensorsReader(f)) for f in folders]
+        readers = [stack.enter_context(SafetensorsFolder(f)) for f in folders]
         lm_maps = [lm_tensors(r.names) for r in readers]
         roles = MERGED_ROLES + (EMBEDDING_ROLES if spec.include_embeddings else ())
         merged = {classify(n).key: n for n in lm_maps[0].values() if classify(n).role in roles}
@@ -135,7 +135,7 @@ def merge_folders(spec: MergeSpec, out: str | Path, overwrite: bool = False, max
             _check_layers(spec, lm_maps[0])
 
         primary = readers[0]
-        plan = [primary.spec(n) for n in primary.names]
+        plan = [primary.spec(n) for n in primary.names()]
         with atomic_output_dir(out, overwrite=overwrite) as tmp:
             _copy_side_files(spec.models[0], tmp)
             with ShardedSafetensorsWriter(tmp, plan, max_shard_bytes) as writer:
@@ -148,7 +148,8 @@ def merge_folders(spec: MergeSpec, out: str | Path, overwrite: bool = False, max
                         continue
                     n = len(spec.models)
                     sources = _Sources(readers, lm_maps, info.key, n, spec.method in TASK_VECTOR_METHODS)
-                    thresholds = sources.ties_thresholds(s.shape, chunks, spec.density) if spec.method == "ties" else None
+                    ties = spec.method == "ties"
+                    thresholds = sources.ties_thresholds(s.shape, chunks, spec.density) if ties else None
                     generators = _generators(spec.seed, s.name, n) if spec.method in DARE_METHODS else None
                     for rows in chunks:
                         inputs, base = sources.read(rows)

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from ..checkpoint.safetensors_io import SafetensorsReader, preview
+from ..checkpoint.safetensors_io import SafetensorsFolder, preview
 
 # Fields that decide the language model's tensor shapes and how they are used.
 STRUCTURAL_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
@@ -45,7 +45,7 @@ def tokenizer_vocab(folder: Path) -> dict[str, int] | None:
     return vocab
 
 
-def check_compatible(folders: Sequence[Path], readers: Sequence[SafetensorsReader],
+def check_compatible(folders: Sequence[Path], readers: Sequence[SafetensorsFolder],
                      lm_maps: Sequence[dict[str, str]], merged_keys: set[str]) -> None:
     """Raise MergeValidationError listing every mismatch of folders[1:] against folders[0].
 

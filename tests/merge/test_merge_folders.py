@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from qwen_merge_mcore.checkpoint.safetensors_io import SafetensorsReader, ShardedSafetensorsWriter
+from qwen_merge_mcore.checkpoint.safetensors_io import SafetensorsFolder, ShardedSafetensorsWriter
 from qwen_merge_mcore.merging import MergeSpec, MergeValidationError, merge_folders
 from qwen_merge_mcore.merging.names import classify
 from qwen_merge_mcore.merging.stream import merge_tensor
@@ -19,8 +19,8 @@ SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokeni
 
 
 def load_folder(folder):
-    with SafetensorsReader(folder) as r:
-        return {n: r.get(n) for n in r.names}
+    with SafetensorsFolder(folder) as r:
+        return {n: r.get(n) for n in r.names()}
 
 
 def is_merged(name, include_embeddings=False):
@@ -162,7 +162,8 @@ def test_mismatched_architectures_are_listed(tiny, tiny_pair, tmp_path):
         merge_folders(spec, tmp_path / "out", progress=False)
     text = str(err.value)
     assert "hidden_size: 128 vs 192" in text and "num_hidden_layers: 4 vs 2" in text
-    assert "lacks 26 language-model tensors" in text and "layers.2.input_layernorm.weight" in text  # q/k norms + 2 layers
+    # 26 = the q/k norms of layers 0-1 + all of layers 2-3
+    assert "lacks 26 language-model tensors" in text and "layers.2.input_layernorm.weight" in text
     assert "has 6 language-model tensors" in text and "layers.0.self_attn.k_proj.bias" in text
     assert "tensor shapes differ" in text and "embed_tokens.weight (1000, 128) vs (1000, 192)" in text
     assert not (tmp_path / "out").exists()

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from qwen_merge_mcore.checkpoint.safetensors_io import SafetensorsReader
+from qwen_merge_mcore.checkpoint.safetensors_io import SafetensorsFolder
 
 CONVERTERS = ("build", "hf2mcore", "mcore2hf")
 MISSING = [c for c in CONVERTERS if importlib.util.find_spec(f"qwen_merge_mcore.commands.{c}") is None]
@@ -36,10 +36,10 @@ def test_merged_qwen_merge_round_trips_through_megatron(tiny, tiny_pair, tmp_pat
         "--density", "0.5", "--out", merged, "--no-progress")
     qmm("hf2mcore", "--hf", merged, "--out", tmp_path / "mcore", "--tp", 1, "--pp", 1)
     qmm("mcore2hf", "--mcore", tmp_path / "mcore", "--out", tmp_path / "back")
-    with SafetensorsReader(merged) as want, SafetensorsReader(tmp_path / "back") as got:
-        assert got.names == want.names
-        for name in want.names:
+    with SafetensorsFolder(merged) as want, SafetensorsFolder(tmp_path / "back") as got:
+        assert got.names() == want.names()
+        for name in want.names():
             a, b = want.get(name), got.get(name)
             assert a.dtype == b.dtype and torch.equal(a, b), name
-    with SafetensorsReader(built[0]) as first, SafetensorsReader(merged) as m:
+    with SafetensorsFolder(built[0]) as first, SafetensorsFolder(merged) as m:
         assert torch.equal(first.get("visual.merger.mlp.4.weight"), m.get("visual.merger.mlp.4.weight"))

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from qwen_merge_mcore.checkpoint.safetensors_io import (CheckpointError, SafetensorsReader, ShardedSafetensorsWriter,
+from qwen_merge_mcore.checkpoint.safetensors_io import (CheckpointError, SafetensorsFolder, ShardedSafetensorsWriter,
                                                         TensorSpec, parse_size)
 
 TENSORS = {
@@ -39,8 +39,8 @@ def test_sharded_write_in_any_order_reads_back_exactly(tmp_path):
     for f in files:  # the safetensors library itself accepts every shard
         for name, tensor in load_file(tmp_path / f).items():
             assert index["weight_map"][name] == f and torch.equal(tensor, TENSORS[name])
-    with SafetensorsReader(tmp_path) as r:
-        assert r.names == sorted(TENSORS)
+    with SafetensorsFolder(tmp_path) as r:
+        assert r.names() == sorted(TENSORS)
         for name, tensor in TENSORS.items():
             assert r.spec(name) == TensorSpec(name, tuple(tensor.shape), tensor.dtype)
             got = r.get(name)
@@ -54,7 +54,7 @@ def test_rows_are_read_and_written_in_slices(tmp_path):
             w.write("m", big[start:stop], row_start=start)
         with pytest.raises(ValueError, match="at row 9"):
             w.write("m", big[:2], row_start=9)  # would run past the last row
-    with SafetensorsReader(tmp_path) as r:
+    with SafetensorsFolder(tmp_path) as r:
         assert torch.equal(r.get("m"), big) and torch.equal(r.get("m", (2, 5)), big[2:5])
         assert r.get("m", (4, 4)).shape == (0, 6)
         with pytest.raises(ValueError, match="out of range"):
@@ -70,8 +70,8 @@ def test_one_shard_is_a_plain_model_safetensors(tmp_path):
 def test_reader_takes_unindexed_folders_of_several_files(tmp_path):
     save_file({"x": torch.ones(2)}, tmp_path / "one.safetensors")
     save_file({"y": torch.zeros(3)}, tmp_path / "two.safetensors")
-    with SafetensorsReader(tmp_path) as r:
-        assert r.names == ["x", "y"] and torch.equal(r.get("y"), torch.zeros(3))
+    with SafetensorsFolder(tmp_path) as r:
+        assert r.names() == ["x", "y"] and torch.equal(r.get("y"), torch.zeros(3))
 
 
 def test_writer_refuses_wrong_tensors_and_unfinished_plans(tmp_path):
@@ -93,17 +93,18 @@ def test_truncated_shard_is_named(tmp_path):
     shard = tmp_path / "model-00002-of-00003.safetensors"
     shard.write_bytes(shard.read_bytes()[:-100])
     with pytest.raises(CheckpointError, match="model-00002-of-00003.safetensors: truncated safetensors file"):
-        SafetensorsReader(tmp_path)
+        SafetensorsFolder(tmp_path)
     shard.write_bytes(b"\x01\x02")
     with pytest.raises(CheckpointError, match="no header"):
-        SafetensorsReader(tmp_path)
+        SafetensorsFolder(tmp_path)
 
 
 def test_missing_shard_is_named(tmp_path):
     _write(tmp_path, TENSORS, max_shard_bytes=5000)
     (tmp_path / "model-00003-of-00003.safetensors").unlink()
-    with pytest.raises(CheckpointError, match="1 of 3 shards .* missing: model-00003-of-00003.safetensors"):
-        SafetensorsReader(tmp_path)
+    message = r"missing shard\(s\) named in model.safetensors.index.json \(1 of 3\): model-00003-of-00003"
+    with pytest.raises(CheckpointError, match=message):
+        SafetensorsFolder(tmp_path)
 
 
 def test_index_promising_absent_tensors_is_refused(tmp_path):
@@ -113,14 +114,14 @@ def test_index_promising_absent_tensors_is_refused(tmp_path):
     index["weight_map"]["ghost.weight"] = "model-00001-of-00003.safetensors"
     index_path.write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match="not in their shard: ghost.weight"):
-        SafetensorsReader(tmp_path)
+        SafetensorsFolder(tmp_path)
 
 
 def test_empty_or_missing_folder(tmp_path):
     with pytest.raises(CheckpointError, match="no \\*.safetensors files"):
-        SafetensorsReader(tmp_path)
-    with pytest.raises(CheckpointError, match="no such checkpoint folder"):
-        SafetensorsReader(tmp_path / "nope")
+        SafetensorsFolder(tmp_path)
+    with pytest.raises(CheckpointError, match="is not a folder"):
+        SafetensorsFolder(tmp_path / "nope")
 
 
 def test_parse_size():

@@ -1,0 +1,87 @@
+"""Megatron-Core `TransformerConfig` from this project's typed configs.
+
+`common_config_kwargs` holds what every transformer of the model shares (parallel layout,
+dtypes, recompute, CPU-safe switches); `language_transformer_config` adds the Qwen3 decoder.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from ..config import ConfigError, LanguageConfig, ParallelConfig, PrecisionConfig, TrainConfig
+from ..utils.runtime import cuda_available
+from .fp8 import fp8_config_kwargs
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def common_config_kwargs(parallel: ParallelConfig, precision: PrecisionConfig,
+                         train: Optional[TrainConfig] = None) -> dict:
+    dtype = DTYPES[precision.params_dtype]
+    cpu = not cuda_available()
+    kwargs = dict(
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+        context_parallel_size=parallel.context_parallel_size,
+        sequence_parallel=parallel.sequence_parallel,
+        params_dtype=dtype, pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+        hidden_dropout=0.0, attention_dropout=0.0,
+        # MRoPE angles differ per token; TE's fused rope restarts positions per packed sequence.
+        apply_rope_fusion=False,
+        # The fused kernels are CUDA extensions.
+        use_cpu_initialization=cpu,
+        bias_dropout_fusion=not cpu, masked_softmax_fusion=False, persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+    )
+    if train is not None and train.recompute_granularity is not None:
+        kwargs.update(recompute_granularity=train.recompute_granularity,
+                      recompute_method=train.recompute_method,
+                      recompute_num_layers=train.recompute_num_layers)
+        if train.recompute_granularity == "full" and train.recompute_method is None:
+            kwargs.update(recompute_method="uniform", recompute_num_layers=train.recompute_num_layers or 1)
+    return kwargs
+
+
+def language_transformer_config(lang: LanguageConfig, parallel: ParallelConfig, precision: PrecisionConfig,
+                                train: Optional[TrainConfig] = None) -> TransformerConfig:
+    """The Qwen3 decoder: RMSNorm, SwiGLU, no linear biases (q/k/v optional), GQA, q/k norm."""
+    first = parallel.first_stage_layers
+    if first is not None and first < 1:
+        raise ConfigError("parallel.first_stage_layers", "Megatron-Core needs at least one decoder layer on "
+                          "the first pipeline stage")
+    config = TransformerConfig(
+        num_layers=lang.num_layers,
+        hidden_size=lang.hidden_size,
+        ffn_hidden_size=lang.ffn_hidden_size,
+        num_attention_heads=lang.num_attention_heads,
+        num_query_groups=lang.num_query_groups,
+        kv_channels=lang.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=lang.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=lang.add_qkv_bias,
+        qk_layernorm=lang.qk_layernorm,
+        num_layers_in_first_pipeline_stage=first,
+        **common_config_kwargs(parallel, precision, train),
+        **fp8_config_kwargs(precision, num_layers=lang.num_layers,
+                            pipeline_size=parallel.pipeline_model_parallel_size,
+                            widths={"hidden_size": lang.hidden_size, "ffn_hidden_size": lang.ffn_hidden_size,
+                                    "attention": lang.num_attention_heads * lang.head_dim}),
+    )
+    return with_variable_seq_lengths(config)
+
+
+def with_variable_seq_lengths(config: TransformerConfig) -> TransformerConfig:
+    """Sequence lengths change from batch to batch (packing, images), so the pipeline p2p must
+    exchange shapes. Set after construction: 0.16.1's __post_init__ rejects it for the default
+    MoE token dispatcher even in a dense model."""
+    config.variable_seq_lengths = True
+    return config

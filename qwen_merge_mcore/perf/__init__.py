@@ -1,0 +1,1 @@
+"""Scale planner and performance model: FLOPs, memory, layouts and step time on GPU clusters."""
