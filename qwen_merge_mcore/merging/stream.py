@@ -127,7 +127,7 @@ def merge_folders(spec: MergeSpec, out: str | Path, overwrite: bool = False, max
     folders = list(spec.models) + ([spec.base] if spec.base is not None else [])
     with contextlib.ExitStack() as stack:
         readers = [stack.enter_context(SafetensorsFolder(f)) for f in folders]
-        lm_maps = [lm_tensors(r.names) for r in readers]
+        lm_maps = [lm_tensors(r.names()) for r in readers]
         roles = MERGED_ROLES + (EMBEDDING_ROLES if spec.include_embeddings else ())
         merged = {classify(n).key: n for n in lm_maps[0].values() if classify(n).role in roles}
         check_compatible(folders, readers, lm_maps, set(merged))
