@@ -53,9 +53,10 @@ def write_synthetic(folder: Path, layers: int, seed: int) -> None:
     """One tensor at a time, so writing the inputs needs no more memory than the merge."""
     specs = qwen3_specs(layers)
     gen = torch.Generator().manual_seed(seed)
-    with ShardedSafetensorsWriter(folder, specs, max_shard_bytes=2 * GB) as w:
-        for s in specs:
-            w.write(s.name, (torch.randn(s.shape, generator=gen) * 0.02).to(torch.bfloat16))
+    w = ShardedSafetensorsWriter(folder, specs, max_shard_bytes=2 * GB)
+    for s in specs:
+        w.write(s.name, (torch.randn(s.shape, generator=gen) * 0.02).to(torch.bfloat16))
+    w.close()
     (folder / "config.json").write_text(json.dumps({**QWEN3_8B, "num_hidden_layers": layers}))
 
 

@@ -1,17 +1,15 @@
 """Stream Hugging Face safetensors folders tensor by tensor, in and out.
 
-`SafetensorsFolder` opens a folder with or without `*.safetensors.index.json`, checks every
-shard before any tensor is read (missing shards, truncated files, names the index promises but
-a shard lacks) and hands out one tensor at a time, so a caller never holds more than the
-tensors it is working on. It reads each tensor's bytes with `pread` at the offset the header
-gives rather than through `safe_open`: safe_open memory-maps the shard, and every page a
-`get_tensor` touched stays in the process's resident set until the handle closes, so RSS
-grows to the size of the shard (measured: +128 MB per 128 MB tensor read).
+`SafetensorsFolder` opens a folder (one file, or shards listed by an index), checks every shard's
+header before any tensor is read (missing shards, truncated files, names the index promises but a
+shard lacks) and reads one tensor, or a row range of one, with a positioned file read. It does not
+mmap: mapped pages stay resident (and count in the process's RSS) for as long as a file is open,
+which would make a converter's memory grow with the checkpoint instead of the tensor.
 
 `ShardedSafetensorsWriter` is given the full list of output tensors (name, shape, dtype) up
 front. That fixes every shard's header before any data exists, so each tensor goes straight to
-its place on disk and leaves memory at once: peak memory is one tensor, not one shard. Files
-follow the `save_pretrained` convention: `model.safetensors` for one shard, otherwise
+its place on disk, in any order: peak memory is one tensor, not one shard. Files follow the
+`save_pretrained` convention: `model.safetensors` for one shard, otherwise
 `model-0000i-of-0000N.safetensors` plus `model.safetensors.index.json`.
 """
 
@@ -33,8 +31,8 @@ DTYPE_NAMES = {
     torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
 }
 DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
-WEIGHTS_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
 
 
 class CheckpointError(ValueError):
@@ -49,12 +47,12 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 def read_header(path: str | Path) -> tuple[dict[str, dict], int]:
-    """The tensor entries of one safetensors file and where its data starts, after checking the
-    file holds all their bytes."""
+    """The tensor entries of one safetensors file and the offset where its data starts, after
+    checking the file holds all their bytes."""
     path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -81,118 +79,98 @@ def read_header(path: str | Path) -> tuple[dict[str, dict], int]:
 
 
 class SafetensorsFolder:
-    """Name -> file map of a checkpoint folder; `get(name)` reads one tensor (or rows of it), nothing more.
-
-    Usable as a context manager, which closes the open shard files at the end.
-    """
+    """Name -> file map of a checkpoint folder; `get(name)` reads one tensor, nothing more."""
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise CheckpointError(f"{self.folder} is not a folder")
-        self._shard_of: dict[str, str] = {}
-        self._specs: dict[str, TensorSpec] = {}
-        self._offsets: dict[str, int] = {}  # absolute file offset of each tensor's bytes
-        self._fds: dict[str, int] = {}
-        indexes = sorted(self.folder.glob("*.safetensors.index.json"))
-        if len(indexes) > 1:
-            raise CheckpointError(f"{self.folder}: several safetensors indexes {[p.name for p in indexes]}")
-        if indexes:
-            self._load_index(indexes[0])
+        index = self.folder / INDEX
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise CheckpointError(f"{index} is not a valid safetensors index: {err!r}") from None
+        elif (self.folder / SINGLE).exists():
+            weight_map = None
         else:
-            files = sorted(p.name for p in self.folder.glob("*.safetensors"))
-            if not files:
-                raise CheckpointError(f"{self.folder}: no *.safetensors files (and no index)")
-            for shard in files:
-                for name in self._read_shard(shard):
-                    if name in self._shard_of:
-                        raise CheckpointError(f"{self.folder}: tensor {name} is in both {self._shard_of[name]} "
-                                              f"and {shard}")
-                    self._shard_of[name] = shard
-
-    def _load_index(self, index: Path) -> None:
-        try:
-            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise CheckpointError(f"{index}: not a safetensors index ({err!r})") from None
-        shards = sorted(set(weight_map.values()))
-        missing = [s for s in shards if not (self.folder / s).is_file()]
+            raise CheckpointError(f"{self.folder} has neither {INDEX} nor {SINGLE}")
+        files = sorted(set(weight_map.values())) if weight_map is not None else [SINGLE]
+        missing = [f for f in files if not (self.folder / f).is_file()]
         if missing:
-            raise CheckpointError(f"{self.folder} is missing shard(s) named in {index.name} "
-                                  f"({len(missing)} of {len(shards)}): {', '.join(missing)}")
-        absent = []
-        for shard in shards:
-            present = self._read_shard(shard)
-            absent += [n for n, s in weight_map.items() if s == shard and n not in present]
+            raise CheckpointError(f"{self.folder} is missing shard(s) named in its index: {', '.join(missing)}")
+        self._specs: dict[str, TensorSpec] = {}
+        self._where: dict[str, tuple[str, int, int]] = {}  # name -> (file, begin, end)
+        for fname in files:
+            header, start = read_header(self.folder / fname)
+            for name, entry in header.items():
+                self._specs[name] = TensorSpec(name, tuple(entry["shape"]), DTYPES[entry["dtype"]])
+                b, e = entry["data_offsets"]
+                self._where[name] = (fname, start + b, start + e)
+        if weight_map is None:
+            weight_map = {name: SINGLE for name in self._specs}
+        absent = [n for n, f in weight_map.items() if self._where.get(n, ("",))[0] != f]
         if absent:
-            raise CheckpointError(f"{self.folder}: {len(absent)} tensors listed in {index.name} are not in their "
-                                  f"shard: {preview(absent)}")
-        self._shard_of = dict(weight_map)
-
-    def _read_shard(self, shard: str) -> set[str]:
-        header, data_start = read_header(self.folder / shard)
-        for name, entry in header.items():
-            self._specs[name] = TensorSpec(name, tuple(entry["shape"]), DTYPES[entry["dtype"]])
-            self._offsets[name] = data_start + entry["data_offsets"][0]
-        return set(header)
-
-    @property
-    def weight_map(self) -> dict[str, str]:
-        return dict(self._shard_of)
+            raise CheckpointError(f"{self.folder}: {len(absent)} tensors listed in {INDEX} are not in their "
+                                  f"shard: {preview(sorted(absent))}")
+        self.weight_map: dict[str, str] = weight_map
 
     def names(self) -> list[str]:
-        return sorted(self._shard_of)
+        return list(self.weight_map)
 
     def __contains__(self, name: str) -> bool:
-        return name in self._shard_of
+        return name in self.weight_map
 
     def spec(self, name: str) -> TensorSpec:
-        if name not in self._shard_of:
+        if name not in self.weight_map:
             raise CheckpointError(f"{self.folder} has no tensor {name!r}")
         return self._specs[name]
 
-    def get(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """Read one tensor, or its rows [start, stop) along dim 0, from disk into its own memory.
+    @property
+    def total_bytes(self) -> int:
+        return sum(self._specs[n].nbytes for n in self.weight_map)
 
-        Rows of a row-major tensor are one contiguous byte range, so a large tensor can be
-        processed in slices without ever being whole in memory.
-        """
+    def get(self, name: str, rows: slice | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Tensor `name`, or only the rows `rows` of its first dimension (one contiguous read);
+        into `out` (a contiguous tensor of that shape and dtype) when given."""
         spec = self.spec(name)
-        shape, start, stop = spec.shape, 0, spec.nbytes
+        fname, begin, end = self._where[name]
+        shape = list(spec.shape)
         if rows is not None:
-            if not spec.shape or not 0 <= rows[0] <= rows[1] <= spec.shape[0]:
-                raise ValueError(f"{name}: rows {rows} out of range for shape {spec.shape}")
-            row_bytes = spec.nbytes // spec.shape[0] if spec.shape[0] else 0
-            shape, start, stop = (rows[1] - rows[0], *spec.shape[1:]), rows[0] * row_bytes, rows[1] * row_bytes
-        shard = self._shard_of[name]
-        fd = self._fds.get(shard)
-        if fd is None:
-            fd = self._fds[shard] = os.open(self.folder / shard, os.O_RDONLY)
-        raw = torch.empty(stop - start, dtype=torch.uint8)
-        view, done = memoryview(raw.numpy()), 0
-        while done < len(view):  # one read returns at most ~2 GiB on Linux
-            n = os.preadv(fd, [view[done:]], self._offsets[name] + start + done)
-            if n == 0:
-                raise CheckpointError(f"{self.folder / shard}: file ended inside tensor {name} (truncated?)")
-            done += n
-        return raw.view(spec.dtype).reshape(shape)
-
-    def close(self) -> None:
-        for fd in self._fds.values():
+            start, stop, step = rows.indices(shape[0])
+            if step != 1:
+                raise ValueError("row slices must be contiguous")
+            row_bytes = (end - begin) // shape[0]
+            begin, end = begin + start * row_bytes, begin + stop * row_bytes
+            shape[0] = stop - start
+        if out is not None:
+            if tuple(out.shape) != tuple(shape) or out.dtype != spec.dtype or not out.is_contiguous():
+                raise ValueError(f"{name}: out must be contiguous {tuple(shape)} {spec.dtype}")
+            buf = out.view(-1).view(torch.uint8).numpy() if out.numel() else bytearray()
+        else:
+            buf = bytearray(end - begin)
+        path = self.folder / fname
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            view, got = memoryview(buf), 0
+            while got < len(buf):
+                n = os.preadv(fd, [view[got:]], begin + got)
+                if n <= 0:
+                    raise CheckpointError(f"cannot read {name!r} from {path}: file ends early (truncated?)")
+                got += n
+        finally:
             os.close(fd)
-        self._fds.clear()
+        if out is not None:
+            return out
+        if not buf:
+            return torch.empty(shape, dtype=spec.dtype)
+        return torch.frombuffer(buf, dtype=spec.dtype).reshape(shape)
 
     def config(self) -> dict:
         path = self.folder / "config.json"
         if not path.exists():
             raise CheckpointError(f"{self.folder} has no config.json")
         return json.loads(path.read_text())
-
-    def __enter__(self) -> "SafetensorsFolder":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 @dataclass
@@ -201,35 +179,37 @@ class _Shard:
     specs: list[TensorSpec]
     offsets: dict[str, int]  # absolute file offset of each tensor's bytes
     header: bytes
-    pending: set[str]
 
 
 class ShardedSafetensorsWriter:
     """Write a known list of tensors into size-capped shards, each tensor straight to disk.
 
-    Tensors may arrive in any order; a shard file is closed as soon as its last tensor is in.
-    `close()` refuses to write the index while any planned tensor is missing.
+    Tensors may arrive in any order, and from several processes: `create()` (once) lays out
+    every file with its header, then any process holding a writer built from the same specs can
+    `write()` its tensors (disjoint byte ranges of the same files). `close(written=...)` refuses
+    to write the index while any planned tensor is missing.
     """
 
     def __init__(self, folder: str | Path, specs: Sequence[TensorSpec], max_shard_bytes: int = 5 * 2**30,
-                 metadata: dict[str, str] | None = None):
+                 metadata: dict[str, str] | None = None, create: bool = True):
         if max_shard_bytes <= 0:
             raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
         names = [s.name for s in specs]
         if len(set(names)) != len(names):
             raise ValueError("duplicate tensor names in the output plan")
         self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
         self._metadata = {"format": "pt", **(metadata or {})}
         groups = _pack(specs, max_shard_bytes)
-        files = ([WEIGHTS_NAME] if len(groups) == 1 else
+        files = ([SINGLE] if len(groups) == 1 else
                  [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))])
         self._shards = [self._layout(f, g) for f, g in zip(files, groups)]
         self._shard_by_name = {s.name: shard for shard in self._shards for s in shard.specs}
         self._spec_by_name = {s.name: s for s in specs}
-        self._open: dict[str, object] = {}
-        self._unwritten = {s.name: s.nbytes for s in specs}
+        self.written: set[str] = set()
+        self._rows_written: dict[str, int] = {}
         self.total_size = sum(s.nbytes for s in specs)
+        if create:
+            self.create()
 
     def _layout(self, file: str, specs: list[TensorSpec]) -> _Shard:
         header: dict[str, object] = {"__metadata__": self._metadata}
@@ -242,62 +222,71 @@ class ShardedSafetensorsWriter:
         raw += b" " * (-len(raw) % 8)  # the safetensors writer aligns the data start to 8 bytes
         blob = struct.pack("<Q", len(raw)) + raw
         offsets = {s.name: len(blob) + header[s.name]["data_offsets"][0] for s in specs}
-        return _Shard(file, specs, offsets, blob, {s.name for s in specs})
+        return _Shard(file, specs, offsets, blob)
 
-    def write(self, name: str, tensor: torch.Tensor, row_start: int = 0) -> None:
-        """Write a whole tensor, or rows of it starting at `row_start` (each row exactly once)."""
+    def create(self) -> None:
+        """Write every shard's header and size the file to its final length."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for shard in self._shards:
+            with open(self.folder / shard.file, "wb") as f:
+                f.write(shard.header)
+                f.truncate(len(shard.header) + sum(s.nbytes for s in shard.specs))
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
         spec = self._spec_by_name.get(name)
         if spec is None:
             raise KeyError(f"{name} is not in the output plan")
-        whole = tuple(tensor.shape) == spec.shape and row_start == 0
-        fits = (tensor.dim() == len(spec.shape) > 0 and tuple(tensor.shape[1:]) == spec.shape[1:]
-                and 0 <= row_start and row_start + tensor.shape[0] <= spec.shape[0])
-        if tensor.dtype != spec.dtype or not (whole or fits):
-            raise ValueError(f"{name}: got {tuple(tensor.shape)} {tensor.dtype} at row {row_start}, "
-                             f"planned {spec.shape} {spec.dtype}")
-        shard = self._shard_by_name[name]
-        if name not in shard.pending:
+        if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+            raise ValueError(f"{name}: got {tuple(tensor.shape)} {tensor.dtype}, planned {spec.shape} {spec.dtype}")
+        if name in self.written:
             raise ValueError(f"{name} was already written")
-        f = self._open.get(shard.file)
-        if f is None:
-            f = self._open[shard.file] = open(self.folder / shard.file, "wb")
-            f.write(shard.header)
-        data = tensor.detach().cpu().contiguous().reshape(-1)
-        row_bytes = spec.nbytes // spec.shape[0] if spec.shape and spec.shape[0] else 0
-        f.seek(shard.offsets[name] + row_start * row_bytes)
-        if data.numel():
-            f.write(memoryview(data.view(torch.uint8).numpy()))
-        self._unwritten[name] -= data.numel() * data.element_size()
-        if self._unwritten[name] <= 0:
-            shard.pending.discard(name)
-        if not shard.pending:  # flush a full shard now, not at the end
-            f.close()
-            del self._open[shard.file]
+        self._put(name, tensor, 0)
+        self.written.add(name)
 
-    def close(self) -> None:
-        """Check every planned tensor was written, then write the index (several shards only)."""
-        for f in self._open.values():
-            f.close()
-        self._open.clear()
-        missing = sorted(n for shard in self._shards for n in shard.pending)
+    def write_rows(self, name: str, rows: torch.Tensor, row_start: int) -> None:
+        """Write rows [row_start, row_start + len(rows)) of a planned tensor, so a large tensor can
+        be produced slice by slice; it counts as written once all its rows are (each exactly once)."""
+        spec = self._spec_by_name.get(name)
+        if spec is None:
+            raise KeyError(f"{name} is not in the output plan")
+        if (rows.dtype != spec.dtype or rows.dim() != len(spec.shape) or not spec.shape
+                or tuple(rows.shape[1:]) != spec.shape[1:] or not 0 <= row_start <= spec.shape[0] - rows.shape[0]):
+            raise ValueError(f"{name}: got rows {tuple(rows.shape)} {rows.dtype} at row {row_start}, "
+                             f"planned {spec.shape} {spec.dtype}")
+        if name in self.written:
+            raise ValueError(f"{name} was already written")
+        self._put(name, rows, row_start * (spec.nbytes // spec.shape[0]) if spec.shape[0] else 0)
+        self._rows_written[name] = self._rows_written.get(name, 0) + rows.shape[0]
+        if self._rows_written[name] == spec.shape[0]:
+            self.written.add(name)
+
+    def _put(self, name: str, tensor: torch.Tensor, byte_offset: int) -> None:
+        """pwrite the tensor's bytes at `byte_offset` within tensor `name`'s place in its shard."""
+        data = tensor.detach().cpu().contiguous().reshape(-1)
+        if not data.numel():
+            return
+        shard = self._shard_by_name[name]
+        view = memoryview(data.view(torch.uint8).numpy())
+        fd = os.open(self.folder / shard.file, os.O_WRONLY)
+        try:
+            done = 0
+            while done < len(view):
+                done += os.pwrite(fd, view[done:], shard.offsets[name] + byte_offset + done)
+        finally:
+            os.close(fd)
+
+    def close(self, written: Iterable[str] = ()) -> None:
+        """Check every planned tensor was written (here or, listed in `written`, by other
+        processes), then write the index (several shards only)."""
+        done = self.written | set(written)
+        missing = sorted(n for n in self._spec_by_name if n not in done)
         if missing:
             raise CheckpointError(f"{self.folder}: {len(missing)} planned tensors were never written: "
                                   f"{preview(missing)}")
         if len(self._shards) > 1:
             index = {"metadata": {"total_size": self.total_size},
                      "weight_map": {s.name: shard.file for shard in self._shards for s in shard.specs}}
-            (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-
-    def __enter__(self) -> "ShardedSafetensorsWriter":
-        return self
-
-    def __exit__(self, exc_type, *exc) -> None:
-        if exc_type is None:
-            self.close()
-        else:  # leave no index that would make the partial folder look complete
-            for f in self._open.values():
-                f.close()
-            self._open.clear()
+            (self.folder / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def _pack(specs: Iterable[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
@@ -331,4 +320,3 @@ def parse_size(text: str) -> int:
 def preview(names: Sequence[str], limit: int = 10) -> str:
     more = f" ... and {len(names) - limit} more" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
-

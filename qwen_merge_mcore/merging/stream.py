@@ -13,7 +13,6 @@ The output is built in a temporary folder and renamed into place at the end.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -49,12 +48,12 @@ def _generators(seed: int, name: str, n: int) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(tensor_seed(seed, name, i)) for i in range(n)]
 
 
-def row_chunks(shape: tuple[int, ...], chunk_elements: int = CHUNK_ELEMENTS) -> list[tuple[int, int] | None]:
+def row_chunks(shape: tuple[int, ...], chunk_elements: int = CHUNK_ELEMENTS) -> list[slice | None]:
     """Row ranges of about chunk_elements each; [None] (the whole tensor) for scalars and empty tensors."""
     if not shape or shape[0] == 0:
         return [None]
     rows = max(1, chunk_elements // max(1, math.prod(shape[1:])))
-    return [(r, min(r + rows, shape[0])) for r in range(0, shape[0], rows)]
+    return [slice(r, min(r + rows, shape[0])) for r in range(0, shape[0], rows)]
 
 
 def merge_chunk(spec: MergeSpec, layer: int | None, inputs: list[torch.Tensor], base: torch.Tensor | None,
@@ -98,7 +97,7 @@ class _Sources:
         self._models = [(r, m[key]) for r, m in zip(readers[:n_models], lm_maps)]
         self._base = (readers[-1], lm_maps[-1][key]) if with_base else None
 
-    def read(self, rows: tuple[int, int] | None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    def read(self, rows: slice | None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         base = self._base[0].get(self._base[1], rows) if self._base else None
         return [r.get(name, rows) for r, name in self._models], base
 
@@ -125,38 +124,45 @@ def merge_folders(spec: MergeSpec, out: str | Path, overwrite: bool = False, max
 
     out = Path(out).absolute()
     folders = list(spec.models) + ([spec.base] if spec.base is not None else [])
-    with contextlib.ExitStack() as stack:
-        readers = [stack.enter_context(SafetensorsFolder(f)) for f in folders]
-        lm_maps = [lm_tensors(r.names()) for r in readers]
-        roles = MERGED_ROLES + (EMBEDDING_ROLES if spec.include_embeddings else ())
-        merged = {classify(n).key: n for n in lm_maps[0].values() if classify(n).role in roles}
-        check_compatible(folders, readers, lm_maps, set(merged))
-        if spec.method == "layerswap":
-            _check_layers(spec, lm_maps[0])
+    readers = [SafetensorsFolder(f) for f in folders]
+    lm_maps = [lm_tensors(r.names()) for r in readers]
+    roles = MERGED_ROLES + (EMBEDDING_ROLES if spec.include_embeddings else ())
+    merged = {classify(n).key: n for n in lm_maps[0].values() if classify(n).role in roles}
+    check_compatible(folders, readers, lm_maps, set(merged))
+    if spec.method == "layerswap":
+        _check_layers(spec, lm_maps[0])
 
-        primary = readers[0]
-        plan = [primary.spec(n) for n in primary.names()]
-        with atomic_output_dir(out, overwrite=overwrite) as tmp:
-            _copy_side_files(spec.models[0], tmp)
-            with ShardedSafetensorsWriter(tmp, plan, max_shard_bytes) as writer:
-                for s in tqdm(plan, desc=f"merge ({spec.method})", unit="tensor", disable=not progress):
-                    info = classify(s.name)
-                    chunks = row_chunks(s.shape, chunk_elements)
-                    if info is None or info.key not in merged:  # copied through unchanged
-                        for rows in chunks:
-                            writer.write(s.name, primary.get(s.name, rows), rows[0] if rows else 0)
-                        continue
-                    n = len(spec.models)
-                    sources = _Sources(readers, lm_maps, info.key, n, spec.method in TASK_VECTOR_METHODS)
-                    ties = spec.method == "ties"
-                    thresholds = sources.ties_thresholds(s.shape, chunks, spec.density) if ties else None
-                    generators = _generators(spec.seed, s.name, n) if spec.method in DARE_METHODS else None
-                    for rows in chunks:
-                        inputs, base = sources.read(rows)
-                        value = merge_chunk(spec, info.layer, inputs, base, thresholds, generators)
-                        writer.write(s.name, value.to(s.dtype), rows[0] if rows else 0)
-            (tmp / INFO_NAME).write_text(json.dumps(_info(spec, sorted(merged.values())), indent=2) + "\n")
+    primary = readers[0]
+    plan = [primary.spec(n) for n in primary.names()]
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        _copy_side_files(spec.models[0], tmp)
+        writer = ShardedSafetensorsWriter(tmp, plan, max_shard_bytes)
+        for s in tqdm(plan, desc=f"merge ({spec.method})", unit="tensor", disable=not progress):
+            info = classify(s.name)
+            chunks = row_chunks(s.shape, chunk_elements)
+            if info is None or info.key not in merged:  # copied through unchanged
+                for rows in chunks:
+                    _write(writer, s.name, primary.get(s.name, rows), rows)
+                continue
+            n = len(spec.models)
+            sources = _Sources(readers, lm_maps, info.key, n, spec.method in TASK_VECTOR_METHODS)
+            ties = spec.method == "ties"
+            thresholds = sources.ties_thresholds(s.shape, chunks, spec.density) if ties else None
+            generators = _generators(spec.seed, s.name, n) if spec.method in DARE_METHODS else None
+            for rows in chunks:
+                inputs, base = sources.read(rows)
+                value = merge_chunk(spec, info.layer, inputs, base, thresholds, generators)
+                _write(writer, s.name, value.to(s.dtype), rows)
+        writer.close()
+        (tmp / INFO_NAME).write_text(json.dumps(_info(spec, sorted(merged.values())), indent=2) + "\n")
     return out
+
+
+def _write(writer: ShardedSafetensorsWriter, name: str, value: torch.Tensor, rows: slice | None) -> None:
+    if rows is None:
+        writer.write(name, value)
+    else:
+        writer.write_rows(name, value, rows.start)
 
 
 def _check_layers(spec: MergeSpec, lm_map: dict[str, str]) -> None:

@@ -19,8 +19,8 @@ SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokeni
 
 
 def load_folder(folder):
-    with SafetensorsFolder(folder) as r:
-        return {n: r.get(n) for n in r.names()}
+    r = SafetensorsFolder(folder)
+    return {n: r.get(n) for n in r.names()}
 
 
 def is_merged(name, include_embeddings=False):
