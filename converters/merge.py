@@ -1,4 +1,4 @@
-"""Model merging as a script: `python converters/merge.py ...` is `qmm merge ...`."""
+"""`python converters/merge.py ...` is `qmm merge ...` (see `qmm merge --help`)."""
 
 import sys
 from pathlib import Path
