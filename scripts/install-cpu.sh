@@ -17,3 +17,13 @@ if [ ! -f "$stamp" ]; then
   rm -f .venv/.installed-*
   touch "$stamp"
 fi
+# `qmm data render` draws CJK questions and needs a CJK font (Debian: fonts-noto-cjk).
+if ! ls /usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    (apt-get install -y -qq fonts-noto-cjk >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 && \
+      apt-get install -y -qq fonts-noto-cjk >/dev/null 2>&1; }) \
+      || echo "note: could not install fonts-noto-cjk; \`qmm data render\` needs --font for CJK text"
+  else
+    echo "note: no CJK font; install fonts-noto-cjk (or pass --font) to render CJK questions"
+  fi
+fi

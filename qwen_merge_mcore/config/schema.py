@@ -264,18 +264,22 @@ class TrainConfig:
 
 @dataclass
 class DatasetConfig:
-    """One source in the weighted mix."""
+    """One source in the weighted mix (see qwen_merge_mcore/data/mixture.py)."""
 
-    path: str = ""
+    path: str = ""  # a .jsonl/.parquet file, a folder of them, or a glob
     format: Literal["auto", "messages", "sharegpt", "llamafactory"] = "auto"
-    weight: float = 1.0
-    epochs: float = 1.0
+    # Relative rate at which this source is drawn; None on every dataset spreads each evenly
+    # over the pass. Set it on all datasets or on none.
+    weight: Optional[float] = None
+    epochs: float = 1.0  # samples per pass = round(epochs x rows); 1.2 = one epoch + a random 20%
     data_root: Optional[str] = None  # image paths are relative to this (default: the file's folder)
     name: Optional[str] = None
 
     def validate(self, prefix: str) -> None:
         _require(bool(self.path), f"{prefix}.path", "is required")
-        _positive(self, prefix, "weight", "epochs")
+        _positive(self, prefix, "epochs")
+        if self.weight is not None:
+            _positive(self, prefix, "weight")
 
 
 @dataclass
@@ -297,6 +301,9 @@ class DataConfig:
     def validate(self, prefix: str = "data") -> None:
         for i, ds in enumerate(self.datasets):
             ds.validate(f"{prefix}.datasets[{i}]")
+        weighted = [ds.weight is not None for ds in self.datasets]
+        _require(all(weighted) or not any(weighted), f"{prefix}.datasets",
+                 "set weight on every dataset or on none")
         _positive(self, prefix, "seq_length", "pad_to_multiple_of", "min_pixels", "max_pixels", "video_fps",
                   "video_max_frames", "video_max_pixels")
         _require(self.min_pixels <= self.max_pixels, f"{prefix}.min_pixels", "exceeds max_pixels")

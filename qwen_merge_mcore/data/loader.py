@@ -1,0 +1,254 @@
+"""The training iterator: mix -> read -> template -> pack -> DALI preprocessing -> `Batch`.
+
+Each pass over the mix (see mixture.py) is cut into windows of `window` samples per data-parallel
+rank; rank r takes every dp_size-th sample of a window. A window is prepared (rows parsed, media
+headers read, tokenised, MRoPE positions computed), packed first-fit-decreasing, and its bins are
+emitted one per `__next__`, images decoded only then. The state is (pass, window, bins emitted):
+a window is rebuilt deterministically on resume, so a resumed run continues with the next bin it
+had not emitted, i.e. the next unseen sample.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ..batch import Batch, VisionInput
+from ..positions import mrope_position_ids
+from .errors import BadSample, BadSampleCounter, log
+from .formats import row_label, to_sample
+from .mixture import Mixture
+from .packing import PackedSample, collate_packed, first_fit_decreasing
+from .readers import dataset_files, open_rows
+from .template import ChatEncoder
+from .video import VideoProcessor, plan_video, probe_video
+from .vision import ImageProcessor, VisionSpec, image_size
+
+STATE_VERSION = 1
+
+
+@dataclass
+class _Dataset:
+    name: str
+    rows: object
+    fmt: str
+    data_root: str
+
+
+class TrainIterator:
+    """`next(it) -> Batch` (one packed sequence); `state_dict()` / `load_state_dict()` for checkpoints.
+
+    Infinite: after the last window of a pass the next pass starts in a new order.
+    """
+
+    def __init__(self, data_cfg, model_cfg, tokenizer, dp_rank: int = 0, dp_size: int = 1,
+                 micro_batch_tokens: Optional[int] = None, seed: int = 0, device_id: Optional[int] = None,
+                 window: int = 512, pad_to_full: bool = False):
+        if not data_cfg.datasets:
+            raise ValueError("data.datasets is empty")
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank {dp_rank} outside 0..{dp_size - 1}")
+        self.cfg, self.model_cfg = data_cfg, model_cfg
+        self.dp_rank, self.dp_size, self.seed, self.window = dp_rank, dp_size, seed, window
+        tokens = micro_batch_tokens or data_cfg.seq_length
+        if tokens > data_cfg.seq_length:
+            raise ValueError(f"micro_batch_tokens {tokens} exceeds data.seq_length {data_cfg.seq_length}")
+        mult = data_cfg.pad_to_multiple_of
+        # Bins hold at most this many tokens, so that padding never crosses the limit.
+        self.capacity = tokens - tokens % mult if tokens >= mult else tokens
+        self.pad_to = self.capacity if pad_to_full else None
+        self.spec = VisionSpec.from_configs(data_cfg, model_cfg)
+        self.encoder = ChatEncoder(tokenizer, data_cfg.template, model_cfg.image_token_id, model_cfg.video_token_id)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.datasets = [self._open(i, ds) for i, ds in enumerate(data_cfg.datasets)]
+        self.mixture = Mixture([len(d.rows) for d in self.datasets], [ds.epochs for ds in data_cfg.datasets],
+                               [ds.weight for ds in data_cfg.datasets], seed, data_cfg.shuffle)
+        if len(self.mixture) == 0:
+            raise ValueError("the data mix has no samples")
+        threads = max(1, data_cfg.num_workers)  # DALI's CPU worker threads
+        self.images = ImageProcessor(self.spec, device_id, num_threads=threads)
+        self.videos = VideoProcessor(self.spec, device_id, num_threads=threads)
+        self.bad = BadSampleCounter(data_cfg.max_bad_fraction)
+        self.pass_index, self.window_index, self.bins_done = 0, 0, 0
+        self._order: Optional[np.ndarray] = None
+        self._bins: Optional[list[list[PackedSample]]] = None
+        self.last_row_ids: list[str] = []  # the samples of the batch last returned (for logs)
+        self._empty_windows = 0  # consecutive windows without a usable sample
+
+    @staticmethod
+    def _open(i: int, ds) -> _Dataset:
+        files = dataset_files(ds.path)
+        root = ds.data_root or (ds.path if os.path.isdir(ds.path) else os.path.dirname(files[0]))
+        name = ds.name or os.path.splitext(os.path.basename(ds.path.rstrip("/")))[0] or f"dataset{i}"
+        return _Dataset(name, open_rows(ds.path), ds.format, root)
+
+    # -- iteration ----------------------------------------------------------------------------
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Batch:
+        while True:
+            if self._bins is None:
+                self._bins = self._build_window()
+            if self.bins_done < len(self._bins):
+                samples = self._bins[self.bins_done]
+                self.bins_done += 1
+                batch = self._collate(samples)
+                if batch is not None:
+                    return batch
+                continue
+            self._advance_window()
+
+    def _advance_window(self) -> None:
+        self._empty_windows = 0 if self._bins else self._empty_windows + 1
+        windows_per_pass = -(-len(self.mixture) // (self.window * self.dp_size))
+        if self._empty_windows > windows_per_pass:
+            raise ValueError(f"a whole pass over the data mix gave data-parallel rank {self.dp_rank} no usable "
+                             f"sample ({len(self.mixture)} samples for {self.dp_size} ranks; bad: "
+                             f"{dict(self.bad.counts)})")
+        self._bins, self.bins_done = None, 0
+        self.window_index += 1
+        if self.window_index * self.window * self.dp_size >= len(self.mixture):
+            self.pass_index, self.window_index, self._order = self.pass_index + 1, 0, None
+
+    def _window_entries(self) -> np.ndarray:
+        if self._order is None:
+            self._order = self.mixture.order(self.pass_index)
+        span = self.window * self.dp_size
+        start = self.window_index * span
+        return self._order[start:start + span][self.dp_rank::self.dp_size]
+
+    def _build_window(self) -> list[list[PackedSample]]:
+        prepared = []
+        for ds_index, row_index in self._window_entries().tolist():
+            sample = self._prepare(ds_index, row_index)
+            if sample is not None:
+                prepared.append(sample)
+        bins = first_fit_decreasing([len(s) for s in prepared], self.capacity)
+        # FFD emits long samples first; shuffle the bins so a run sees lengths mixed.
+        rng = np.random.default_rng([self.seed, self.pass_index, self.window_index, self.dp_rank])
+        return [[prepared[i] for i in bins[b]] for b in rng.permutation(len(bins))]
+
+    # -- one sample ---------------------------------------------------------------------------
+    def _prepare(self, ds_index: int, row_index: int) -> Optional[PackedSample]:
+        ds = self.datasets[ds_index]
+        row_id = base_id = f"{ds.name}:{row_index}"
+        try:
+            row = ds.rows[row_index]
+            row_id = row_label(row, base_id)
+            sample = to_sample(row, ds.fmt, base_id, ds.data_root)
+            images = [_read_media(m, "image") for m in sample.images]
+            grids = [self.spec.image_grid(*image_size(data)) for data in images]
+            videos = [_read_media(m, "video") for m in sample.videos]
+            plans = [plan_video(probe_video(data), self.spec) for data in videos]
+            vgrids = [p.grid_thw for p in plans]
+            enc = self.encoder.encode(sample, [self.spec.merged_tokens(g) for g in grids],
+                                      [self.spec.merged_tokens(g) for g in vgrids])
+            if len(enc.input_ids) > self.capacity:
+                raise BadSample("too_long", f"{len(enc.input_ids)} tokens exceed the sequence length {self.capacity}")
+            positions = self._positions(enc.input_ids, grids, vgrids, [p.second_per_grid_t for p in plans])
+        except BadSample as err:
+            self.bad.skip(row_id, err)
+            return None
+        self.bad.ok()
+        return PackedSample(row_id, enc.input_ids, enc.target_mask, positions, images, grids, videos, vgrids)
+
+    def _positions(self, ids, grids, vgrids, seconds) -> torch.Tensor:
+        m = self.model_cfg
+        try:
+            return mrope_position_ids(
+                torch.tensor(ids), torch.tensor(grids).reshape(-1, 3), torch.tensor(vgrids).reshape(-1, 3),
+                seconds, image_token_id=m.image_token_id, video_token_id=m.video_token_id,
+                spatial_merge_size=m.vision.spatial_merge_size, tokens_per_second=m.vision.tokens_per_second)
+        except ValueError as err:
+            raise BadSample("image_token_mismatch", str(err)) from None
+
+    # -- one packed sequence ------------------------------------------------------------------
+    def _collate(self, samples: list[PackedSample]) -> Optional[Batch]:
+        """Decode the bin's media (all its images in one DALI batch); a sample whose media fail is
+        dropped from the bin and counted."""
+        kept = list(samples)
+        while True:
+            owner = [k for k, s in enumerate(kept) for _ in s.images]
+            try:
+                done = self.images([img for s in kept for img in s.images]) if owner else []
+                break
+            except BadSample as err:
+                bad = kept.pop(owner[err.index] if err.index is not None else 0)
+                self.bad.skip(bad.row_id, err, already_seen=True)
+        pixels, grids, vpixels, vgrids, usable = [], [], [], [], []
+        for k, s in enumerate(kept):
+            mine = [d for d, o in zip(done, owner) if o == k]
+            try:
+                if [d.grid_thw for d in mine] != s.image_grids:
+                    raise BadSample("bad_image", f"decoded grids {[d.grid_thw for d in mine]} differ from the "
+                                    f"header grids {s.image_grids}")
+                vids = [self.videos(v) for v in s.videos]
+            except BadSample as err:
+                self.bad.skip(s.row_id, err, already_seen=True)
+                continue
+            usable.append(s)
+            pixels += [d.pixel_values for d in mine]
+            grids += s.image_grids
+            vpixels += [v.pixel_values for v in vids]
+            vgrids += [v.grid_thw for v in vids]
+        if not usable:
+            return None
+        self.last_row_ids = [s.row_id for s in usable]
+        return collate_packed(usable, self.pad_id, self.cfg.pad_to_multiple_of, self.pad_to,
+                              _vision(pixels, grids), _vision(vpixels, vgrids))
+
+    # -- checkpointing ------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"version": STATE_VERSION, "seed": self.seed, "dp_rank": self.dp_rank, "dp_size": self.dp_size,
+                "window": self.window, "pass_index": self.pass_index, "window_index": self.window_index,
+                "bins_done": self.bins_done, "bad": self.bad.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"data iterator state version {state.get('version')} != {STATE_VERSION}")
+        same = all(state[k] == getattr(self, k) for k in ("seed", "dp_rank", "dp_size", "window"))
+        self.pass_index, self.window_index = state["pass_index"], state["window_index"]
+        self.bins_done = state["bins_done"] if same else 0
+        if not same:
+            log.warning("data state from seed/dp_rank/dp_size/window %s differs from this run's; resuming at "
+                        "the start of window %d of pass %d", {k: state[k] for k in ("seed", "dp_rank", "dp_size",
+                                                                                    "window")},
+                        self.window_index, self.pass_index)
+        self.bad.load_state_dict(state["bad"])
+        self._order, self._bins = None, None
+
+
+def _read_media(media, kind: str) -> bytes:
+    if isinstance(media, bytes):
+        return media
+    try:
+        with open(media, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise BadSample("missing_file", f"{kind} {media} does not exist") from None
+    except OSError as err:
+        raise BadSample("missing_file", f"{kind} {media} cannot be read: {err}") from None
+
+
+def _vision(pixels: list[torch.Tensor], grids: list) -> Optional[VisionInput]:
+    if not pixels:
+        return None
+    return VisionInput(torch.cat(pixels), torch.tensor(grids, dtype=torch.long))
+
+
+def build_train_iterator(data_cfg, model_cfg, tokenizer_dir, dp_rank: int = 0, dp_size: int = 1,
+                         micro_batch_tokens: Optional[int] = None, seed: int = 0,
+                         device_id: Optional[int] = None, **kwargs) -> TrainIterator:
+    """The training loop's entry point. `tokenizer_dir`: a folder with the tokenizer (or a tokenizer)."""
+    tokenizer = tokenizer_dir
+    if isinstance(tokenizer_dir, (str, os.PathLike)):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    return TrainIterator(data_cfg, model_cfg, tokenizer, dp_rank, dp_size, micro_batch_tokens, seed, device_id,
+                         **kwargs)

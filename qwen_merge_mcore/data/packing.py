@@ -1,0 +1,109 @@
+"""Samples -> packed THD sequences (`Batch` with B = 1 and cu_seqlens).
+
+First-fit-decreasing puts samples into bins of `capacity` tokens; each bin becomes one sequence,
+padded to a multiple of `pad_to_multiple_of` (FP8 GEMMs need it) and, when asked, to the full
+capacity (fixed shapes for pipeline parallelism). Positions restart at 0 for every sample, labels are
+the next token within the sample, and the loss mask is 0 on prompts, sample ends and padding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+
+from ..batch import Batch, VisionInput
+
+
+@dataclass
+class PackedSample:
+    row_id: str
+    input_ids: list[int]
+    target_mask: list[int]
+    position_ids: torch.Tensor  # [3, L]
+    images: list = field(default_factory=list)  # encoded media (bytes)
+    image_grids: list[tuple[int, int, int]] = field(default_factory=list)
+    videos: list = field(default_factory=list)
+    video_grids: list[tuple[int, int, int]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Indices grouped into bins whose lengths sum to <= capacity. Ties keep input order, so the
+    result depends only on the lengths. Every length must be <= capacity."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        n = lengths[i]
+        for b, free in enumerate(room):
+            if n <= free:
+                bins[b].append(i)
+                room[b] -= n
+                break
+        else:
+            if n > capacity:
+                raise ValueError(f"length {n} exceeds the capacity {capacity}")
+            bins.append([i])
+            room.append(capacity - n)
+    return bins
+
+
+def padded_length(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def collate_packed(samples: Sequence[PackedSample], pad_id: int, pad_to_multiple_of: int,
+                   pad_to: Optional[int] = None, images: Optional[VisionInput] = None,
+                   videos: Optional[VisionInput] = None) -> Batch:
+    """One packed sequence. `images`/`videos`: the samples' media in order of appearance."""
+    total = sum(len(s) for s in samples)
+    length = padded_length(max(total, 1), pad_to_multiple_of)
+    if pad_to is not None:
+        if total > pad_to:
+            raise ValueError(f"{total} tokens do not fit in {pad_to}")
+        length = pad_to
+    tokens = torch.full((length,), pad_id, dtype=torch.long)
+    labels = torch.full((length,), pad_id, dtype=torch.long)
+    loss_mask = torch.zeros(length, dtype=torch.float32)
+    positions = torch.zeros(3, length, dtype=torch.long)
+    cu = [0]
+    for s in samples:
+        start, n = cu[-1], len(s)
+        ids = torch.tensor(s.input_ids, dtype=torch.long)
+        tokens[start:start + n] = ids
+        labels[start:start + n - 1] = ids[1:]
+        loss_mask[start:start + n - 1] = torch.tensor(s.target_mask[1:], dtype=torch.float32)
+        positions[:, start:start + n] = s.position_ids
+        cu.append(start + n)
+    if length > total:
+        # Padding joins the last segment; its positions go on counting so they stay distinct.
+        base = int(samples[-1].position_ids.max()) + 1 if total else 0
+        positions[:, total:] = torch.arange(base, base + length - total)
+        if len(cu) > 1:
+            cu[-1] = length
+        else:
+            cu.append(length)
+    return Batch(tokens=tokens[None], labels=labels[None], loss_mask=loss_mask[None],
+                 position_ids=positions[:, None], cu_seqlens=torch.tensor(cu, dtype=torch.int32),
+                 images=images, videos=videos)
+
+
+def packing_efficiency(lengths: Sequence[int], capacity: int, pad_to_multiple_of: int, window: int) -> float:
+    """Real tokens / tokens computed when each window of samples is packed FFD (as the loader does)."""
+    computed = 0
+    for start in range(0, len(lengths), window):
+        chunk = lengths[start:start + window]
+        for b in first_fit_decreasing(chunk, capacity):
+            computed += padded_length(sum(chunk[i] for i in b), pad_to_multiple_of)
+    return sum(lengths) / computed
+
+
+def batch_max_efficiency(lengths: Sequence[int], batch_size: int) -> float:
+    """The baseline: consecutive batches of `batch_size` samples, each padded to the batch maximum."""
+    computed = sum(max(lengths[i:i + batch_size]) * len(lengths[i:i + batch_size])
+                   for i in range(0, len(lengths), batch_size))
+    return sum(lengths) / computed

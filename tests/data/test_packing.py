@@ -1,0 +1,60 @@
+"""First-fit-decreasing bins and the packed THD batch: boundaries, labels, masks, positions, images."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qwen_merge_mcore.batch import VisionInput
+from qwen_merge_mcore.data.packing import PackedSample, collate_packed, first_fit_decreasing
+from qwen_merge_mcore.positions import mrope_position_ids, text_position_ids
+
+
+def test_ffd_fills_to_capacity_exactly_and_is_deterministic():
+    lengths = [10, 6, 4, 7, 3, 16, 1]
+    bins = first_fit_decreasing(lengths, 16)
+    assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in b) <= 16 for b in bins)
+    assert bins[0] == [5]  # exactly the capacity fits alone
+    assert len(bins) == 3 and bins == first_fit_decreasing(lengths, 16)
+    with pytest.raises(ValueError, match="exceeds the capacity"):
+        first_fit_decreasing([17], 16)
+
+
+def _sample(ids, mask, grids=()):
+    pos = mrope_position_ids(torch.tensor(ids), torch.tensor(list(grids)).reshape(-1, 3), None,
+                             image_token_id=6, video_token_id=7)
+    return PackedSample("x", list(ids), list(mask), pos, image_grids=list(grids))
+
+
+def test_collate_labels_masks_positions_and_padding():
+    a = _sample([1, 11, 12, 2, 13, 14, 2], [0, 0, 0, 0, 1, 1, 1])
+    b = _sample([1, 3, 6, 6, 6, 6, 4, 15, 2, 16, 2], [0] * 9 + [1, 1], grids=[(1, 4, 4)])
+    pixels = VisionInput(torch.randn(16, 1176), torch.tensor([[1, 4, 4]]))
+    batch = collate_packed([a, b], pad_id=0, pad_to_multiple_of=16, images=pixels)
+    assert batch.tokens.shape == (1, 32)  # 18 tokens padded to a multiple of 16
+    assert batch.cu_seqlens.tolist() == [0, 7, 32] and batch.cu_seqlens.dtype == torch.int32
+    tokens, labels, mask = batch.tokens[0], batch.labels[0], batch.loss_mask[0]
+    assert tokens[:18].tolist() == a.input_ids + b.input_ids and tokens[18:].eq(0).all()
+    # Labels are the next token inside each sample; the last token of a sample predicts nothing.
+    assert labels[:6].tolist() == a.input_ids[1:]
+    assert mask[:7].tolist() == [0, 0, 0, 1, 1, 1, 0]
+    assert mask[7:18].tolist() == [0] * 8 + [1, 1, 0]
+    assert mask[18:].eq(0).all() and batch.num_loss_tokens == 5
+    # Positions restart per sample; the image takes a 2x2 merged grid.
+    pos = batch.position_ids[:, 0]
+    assert pos.shape == (3, 32)
+    assert torch.equal(pos[:, :7], text_position_ids(7))
+    assert torch.equal(pos[:, 7:18], b.position_ids)
+    assert pos[:, 7].tolist() == [0, 0, 0] and pos[:, 9:13].tolist() == [[2, 2, 2, 2], [2, 2, 3, 3], [2, 3, 2, 3]]
+    assert batch.images is pixels
+
+
+def test_collate_exact_fit_and_fixed_length():
+    a = _sample(list(range(10, 26)), [1] * 16)
+    batch = collate_packed([a], pad_id=0, pad_to_multiple_of=16)
+    assert batch.tokens.shape == (1, 16) and batch.cu_seqlens.tolist() == [0, 16]
+    fixed = collate_packed([a], pad_id=0, pad_to_multiple_of=16, pad_to=48)
+    assert fixed.tokens.shape == (1, 48) and fixed.cu_seqlens.tolist() == [0, 48]
+    with pytest.raises(ValueError, match="do not fit"):
+        collate_packed([a], pad_id=0, pad_to_multiple_of=16, pad_to=8)
