@@ -45,6 +45,13 @@ class Transform:
     def unmerge(self, full: torch.Tensor) -> list[torch.Tensor]:
         return [full]
 
+    def megatron_slice(self, folder: SafetensorsFolder, hf: tuple[str, ...],
+                       index: tuple[slice, ...]) -> torch.Tensor:
+        """The part `index` of the TP-free Megatron tensor (the layout torch_dist stores) read from
+        `folder`. Subclasses whose slices are row ranges of one HF tensor read only those rows, so
+        a converter holds one shard, not the whole tensor."""
+        return self.merge([folder.get(h) for h in hf])[index]
+
 
 class Replicated(Transform):
     """Same tensor on every TP rank: norms, row-parallel biases, the patch embedding."""
@@ -90,6 +97,18 @@ class VocabSplit(Transform):
 
     def unmerge(self, full):
         return [full[: self.vocab_size]]
+
+    def megatron_slice(self, folder, hf, index):
+        (name,) = hf
+        spec = folder.spec(name)
+        if spec.shape[0] != self.vocab_size:
+            raise CheckpointError(f"vocabulary has {spec.shape[0]} rows, config says {self.vocab_size}")
+        start, stop, _ = index[0].indices(self.padded_size)
+        out = torch.zeros((stop - start, *spec.shape[1:]), dtype=spec.dtype)
+        real = max(0, min(stop, self.vocab_size) - start)
+        if real:  # read straight into the padded buffer: one copy of the rows in memory
+            folder.get(name, rows=slice(start, start + real), out=out[:real])
+        return out[(slice(None), *index[1:])]
 
 
 @dataclass
@@ -149,6 +168,16 @@ class GatedMLP(Transform):
 
     def unmerge(self, full):
         return list(full.chunk(2))
+
+    def megatron_slice(self, folder, hf, index):
+        gate, up = hf
+        n = folder.spec(gate).shape[0]
+        start, stop, _ = index[0].indices(2 * n)
+        for name, base in ((gate, 0), (up, n)):  # Megatron's SwiGLU shards lie within gate or up
+            if base <= start and stop <= base + n:
+                return folder.get(name, rows=slice(start - base, stop - base))[(slice(None), *index[1:])]
+        raise CheckpointError(f"rows {start}:{stop} of {gate} + {up} straddle gate and up; Megatron's SwiGLU "
+                              "sharding never asks for that")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -181,7 +181,8 @@ class ParallelConfig:
         if self.first_stage_layers is not None:
             _require(self.pipeline_model_parallel_size > 1, f"{prefix}.first_stage_layers",
                      "only meaningful with pipeline_model_parallel_size > 1")
-            _require(self.first_stage_layers >= 0, f"{prefix}.first_stage_layers", "must be >= 0")
+            _require(self.first_stage_layers >= 1, f"{prefix}.first_stage_layers",
+                     "must be >= 1 (Megatron needs a decoder layer on every stage)")
             _require(vpp in (None, 1), f"{prefix}.first_stage_layers",
                      "an uneven first stage cannot be combined with virtual pipeline stages")
 
@@ -204,7 +205,9 @@ class PrecisionConfig:
 
     params_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
     fp8: Optional[Literal["hybrid", "e4m3"]] = None  # FP8 format; None = no FP8
-    fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = "delayed"
+    # Tensorwise current scaling is the default: delayed scaling cannot keep the first/last
+    # layers in bf16 (Megatron refuses), so it would run them in FP8.
+    fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = "tensorwise"
     fp8_amax_history_len: int = 1024
     fp8_amax_compute_algo: Literal["max", "most_recent"] = "max"
     fp8_margin: int = 0

@@ -64,9 +64,8 @@ class Qwen3LanguageModel(LanguageModule):
         self.vp_stage = vp_stage
         self.model_type = ModelType.encoder_or_decoder
         self.share_embeddings_and_output_weights = lang.tie_word_embeddings
-        tp = parallel_state.get_tensor_model_parallel_world_size()
         self.vocab_size = lang.vocab_size
-        self.padded_vocab_size = lang.padded_vocab_size(tp)
+        self.padded_vocab_size = lang.padded_vocab_size(config.tensor_model_parallel_size)
 
         if pre_process:
             # Image embeddings are inserted before any sequence-parallel scatter (see forward).

@@ -6,6 +6,7 @@ dtypes, recompute, CPU-safe switches); `language_transformer_config` adds the Qw
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -21,6 +22,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 def common_config_kwargs(parallel: ParallelConfig, precision: PrecisionConfig,
                          train: Optional[TrainConfig] = None) -> dict:
+    """TransformerConfig fields every transformer of the model shares."""
     dtype = DTYPES[precision.params_dtype]
     cpu = not cuda_available()
     kwargs = dict(
@@ -39,12 +41,17 @@ def common_config_kwargs(parallel: ParallelConfig, precision: PrecisionConfig,
         bias_dropout_fusion=not cpu, masked_softmax_fusion=False, persist_layer_norm=False,
         gradient_accumulation_fusion=False,
     )
-    if train is not None and train.recompute_granularity is not None:
-        kwargs.update(recompute_granularity=train.recompute_granularity,
-                      recompute_method=train.recompute_method,
-                      recompute_num_layers=train.recompute_num_layers)
-        if train.recompute_granularity == "full" and train.recompute_method is None:
-            kwargs.update(recompute_method="uniform", recompute_num_layers=train.recompute_num_layers or 1)
+    recompute = train.recompute_granularity if train is not None else None
+    if recompute is not None and cpu:
+        # Megatron's activation checkpointing saves and restores CUDA RNG states. Recompute only
+        # trades memory for time, so the CPU run (tiny models) goes without it.
+        warnings.warn("activation recompute (train.recompute_granularity) needs CUDA; running without it on CPU",
+                      RuntimeWarning, stacklevel=2)
+    elif recompute == "selective":
+        kwargs.update(recompute_granularity="selective")
+    elif recompute == "full":
+        kwargs.update(recompute_granularity="full", recompute_method=train.recompute_method or "uniform",
+                      recompute_num_layers=train.recompute_num_layers or 1)
     return kwargs
 
 

@@ -1,8 +1,9 @@
 """Shared pieces of the model tests: configs, inputs, TP logit gathering, transformers references.
 
-The Qwen-Merge reference is assembled from transformers parts: the tiny Qwen2.5-VL's vision tower
-(`visual`, ending in mlp.2), GELU and a new mlp.4, and the tiny Qwen3's layers fed MRoPE cos/sin
-from transformers' own Qwen2.5-VL rotary embedding.
+Two Qwen-Merge references: the project's Hugging Face model class (qwen_merge_mcore.hf), and one
+assembled from stock transformers parts: the tiny Qwen2.5-VL's vision tower (`visual`, ending in
+mlp.2), GELU and the folder's mlp.4, and the tiny Qwen3's layers fed MRoPE cos/sin from
+transformers' own Qwen2.5-VL rotary embedding.
 """
 
 from __future__ import annotations
@@ -17,17 +18,32 @@ GRIDS = [[1, 8, 12], [1, 4, 4], [1, 6, 10]]
 
 
 def experiment_config(architecture: str = "qwen_merge", tied: bool = False, tp: int = 1, pp: int = 1,
-                      first_stage_layers: int | None = None, freeze: tuple[str, ...] = ()):
+                      first_stage_layers: int | None = None, freeze: tuple[str, ...] = (), vpp: int | None = None):
     from qwen_merge_mcore.config import config_from_dict
 
     return config_from_dict({
         "model": {"preset": "tiny", "architecture": architecture, "backend": "local",
                   "language": {"tie_word_embeddings": tied}},
         "parallel": {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
-                     "first_stage_layers": first_stage_layers},
+                     "first_stage_layers": first_stage_layers, "virtual_pipeline_model_parallel_size": vpp},
         "precision": {"params_dtype": "fp32"},
         "train": {"train_iters": 1, "freeze": list(freeze)},
     }, check_runtime=False)
+
+
+def qwen2_5_vl_experiment_config(folder):
+    """A plain Qwen2.5-VL (qkv bias, no q/k norm, no mlp.4) read from its HF config.json."""
+    import json
+
+    from qwen_merge_mcore.config import ExperimentConfig, PrecisionConfig, TrainConfig
+    from qwen_merge_mcore.hf_config import model_config_from_hf
+
+    model = model_config_from_hf(json.loads((Path(folder) / "config.json").read_text()))
+    model.backend = "local"
+    cfg = ExperimentConfig(model=model, precision=PrecisionConfig(params_dtype="fp32"),
+                           train=TrainConfig(train_iters=1, freeze=[]))
+    cfg.validate()
+    return cfg
 
 
 def text_inputs(vocab: int) -> dict:
@@ -70,27 +86,24 @@ def multimodal_inputs() -> dict:
             "labels": torch.randint(0, cfg.language.vocab_size, tokens.shape, generator=g)}
 
 
-def write_merged_checkpoint(tiny: dict, out: Path, seed: int = 3) -> Path:
-    """A Qwen-Merge weight folder: the tiny VLM's `visual.*`, a new `visual.merger.mlp.4`
-    (N(0, 0.02), random bias so a dropped bias shows), the tiny Qwen3's `model.*` / `lm_head`."""
-    from safetensors.torch import save_file
+def exported_qwen_merge(tiny: dict, out: Path) -> Path:
+    """The tiny exported Qwen-Merge folder of the HF integration (`visual.*` of the tiny VLM, a new
+    `visual.merger.mlp.4`, the tiny Qwen3), read by both the Megatron model and the references."""
+    from qwen_merge_mcore.hf import make_tiny_qwen_merge
 
-    from qwen_merge_mcore.checkpoint.safetensors_io import SafetensorsFolder
-    from qwen_merge_mcore.fixtures.tiny import tiny_model_config
+    return make_tiny_qwen_merge(out / "qwen_merge", tiny)
 
-    cfg = tiny_model_config()
-    tensors = {}
-    vlm = SafetensorsFolder(tiny["qwen2_5_vl"])
-    tensors.update({n: vlm.get(n) for n in vlm.names() if n.startswith("visual.")})
-    qwen3 = SafetensorsFolder(tiny["qwen3"])
-    tensors.update({n: qwen3.get(n) for n in qwen3.names()})
-    g = torch.Generator().manual_seed(seed)
-    shape = (cfg.language.hidden_size, cfg.projector.merger_out_size)
-    tensors["visual.merger.mlp.4.weight"] = (torch.randn(shape, generator=g) * 0.02).bfloat16()
-    tensors["visual.merger.mlp.4.bias"] = (torch.randn(shape[0], generator=g) * 0.02).bfloat16()
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"))
-    return out
+
+@torch.no_grad()
+def hf_project_model_logits(folder: Path, inputs: dict) -> torch.Tensor:
+    """The project's transformers model (`Qwen2_5_VL_MergeForConditionalGeneration`), which
+    derives its MRoPE ids from the grids itself. Logits [B, S, V]."""
+    from qwen_merge_mcore.hf import Qwen2_5_VL_MergeForConditionalGeneration
+
+    model = Qwen2_5_VL_MergeForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    images = inputs["images"]
+    return model(input_ids=inputs["tokens"], pixel_values=images.pixel_values,
+                 image_grid_thw=images.grid_thw).logits
 
 
 def gather_vocab(logits: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """The Megatron Qwen-Merge model against transformers, across TP and PP (CPU, gloo, float32).
 
-Three spawned runs serve every test here: TP=1 (world 1), TP=2 (world 2), and PP=2 with an uneven
-first stage (world 2). Ranks return Megatron outputs; transformers references are computed in
+Two spawned runs serve every test here: TP=1 (world 1), and TP=2, then PP=2 with an uneven first
+stage, then PP=2 with virtual stages (world 2). Ranks return Megatron outputs; transformers references are computed in
 the test process.
 
 Tolerance 1e-4 on logits: both sides run float32 from the same bf16 weights; what differs is
@@ -16,9 +16,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from tests.model.references import (experiment_config, gather_vocab, hf_qwen3, hf_qwen3_mrope_logits,
-                                    hf_qwen_merge_logits, multimodal_inputs, text_inputs,
-                                    write_merged_checkpoint)
+from qwen_merge_mcore.fixtures.tiny import tiny_model_config
+from tests.model.references import (experiment_config, exported_qwen_merge, gather_vocab, hf_project_model_logits,
+                                    hf_qwen3, hf_qwen3_mrope_logits, hf_qwen_merge_logits, multimodal_inputs,
+                                    qwen2_5_vl_experiment_config, text_inputs)
 
 TOL = 1e-4
 
@@ -62,7 +63,17 @@ def _multimodal_case(merged, tp: int) -> dict:
     cu = torch.tensor([0, keep[0], sum(keep)], dtype=torch.int32)
     packed = gather_vocab(model(tokens, positions, images=x["images"], cu_seqlens=cu))
     unpacked = torch.cat([logits[b, :n] for b, n in enumerate(keep)])[None]
-    return {"mm_logits": logits, "mm_packed_diff": (packed - unpacked).abs().max().item()}
+    vocab = cfg.model.language.vocab_size  # the pad columns are -inf on both sides
+    return {"mm_logits": logits, "mm_packed_diff": (packed - unpacked)[..., :vocab].abs().max().item()}
+
+
+@torch.no_grad()
+def _qwen2_5_vl_case(tiny: dict) -> torch.Tensor:
+    """The same composition loading a plain Qwen2.5-VL checkpoint (architecture qwen2_5_vl)."""
+    cfg = qwen2_5_vl_experiment_config(tiny["qwen2_5_vl"])
+    model = _load(cfg, tiny["qwen2_5_vl"])
+    x = multimodal_inputs()
+    return model(x["tokens"], x["position_ids"], images=x["images"])
 
 
 def _freeze_case(merged, parts: tuple[str, ...]) -> dict:
@@ -81,17 +92,63 @@ def _freeze_case(merged, parts: tuple[str, ...]) -> dict:
     return {"changed": changed, "has_grad": grads, "counts": parameter_counts(model)}
 
 
+@torch.no_grad()
+def _placeholder_errors() -> list[str]:
+    """Messages for a placeholder count that does not match the images, and for missing images."""
+    from qwen_merge_mcore.models.qwen_merge import build_model
+
+    cfg = experiment_config("qwen_merge")
+    model = build_model(cfg).eval()
+    x = multimodal_inputs()
+    short = x["tokens"].clone()
+    short[0, (short[0] == cfg.model.image_token_id).nonzero()[0]] = 20  # one placeholder too few
+    messages = []
+    for tokens, images in ((short, x["images"]), (x["tokens"], None)):
+        try:
+            model(tokens, x["position_ids"], images=images)
+            messages.append("no error")
+        except ValueError as err:
+            messages.append(str(err))
+    return messages
+
+
 def _tp_suite(tiny: dict, merged, tp: int) -> dict:
     out = {**_text_case(tiny, tp), **_multimodal_case(merged, tp)}
     if tp == 1:
+        out["errors"] = _placeholder_errors()
+        out["qwen2_5_vl_logits"] = _qwen2_5_vl_case(tiny)
+        out["grads"] = _grads_case(merged)
         out["freeze"] = {parts: _freeze_case(merged, parts) for parts in (("vision",), ("vision", "language"))}
     return out
 
 
-@torch.no_grad()
+GRAD_PARAMS = ("vision_model.decoder.layers.0.mlp.linear_fc2.weight", "projector.linear_fc3.weight",
+               "language_model.embedding.word_embeddings.weight",
+               "language_model.decoder.layers.0.mlp.linear_fc1.weight",
+               "language_model.decoder.layers.3.self_attention.linear_qkv.weight",
+               "language_model.output_layer.weight")
+
+
+def _grads(model) -> dict:
+    """Gradients of GRAD_PARAMS present on this stage, by global (PP=1) name."""
+    from qwen_merge_mcore.checkpoint.mapping import global_param_names
+
+    names = global_param_names(model)
+    return {names[n]: p.grad.clone() for n, p in model.named_parameters() if names[n] in GRAD_PARAMS}
+
+
+def _grads_case(merged) -> dict:
+    """PP=1 gradients of the mean multimodal loss, the reference for the pipeline split."""
+    model = _load(experiment_config("qwen_merge"), merged)
+    x = multimodal_inputs()
+    model(x["tokens"], x["position_ids"], images=x["images"], labels=x["labels"]).mean().backward()
+    return _grads(model)
+
+
 def _pipeline_suite(tiny: dict, merged) -> dict:
     """PP=2, first stage = ViT + projector + 1 decoder layer, last stage = 3 layers + output.
-    Hidden states go between the ranks with gloo send/recv (Megatron's p2p needs CUDA)."""
+    Hidden states and their gradients go between the ranks with gloo send/recv (Megatron's p2p
+    needs CUDA)."""
     from megatron.core import parallel_state
 
     from qwen_merge_mcore.models.qwen_merge import build_model
@@ -103,15 +160,30 @@ def _pipeline_suite(tiny: dict, merged) -> dict:
     out = {"layers": [layer.layer_number for layer in model.language_model.decoder.layers],
            "has_vision": model.vision_model is not None}
     x = multimodal_inputs()
-    seq, batch = x["tokens"].shape[1], x["tokens"].shape[0]
-    if first:
-        hidden = model(x["tokens"], x["position_ids"], images=x["images"])
-        dist.send(hidden.contiguous(), dst=1)
-    else:
-        hidden = torch.empty(seq, batch, cfg.model.language.hidden_size)
-        dist.recv(hidden, src=0)
-        model.set_input_tensor(hidden)
-        out["logits"] = model(x["tokens"], x["position_ids"])
+    shape = (x["tokens"].shape[1], x["tokens"].shape[0], cfg.model.language.hidden_size)
+    # Forward only: logits. Then a training pass: loss on the last stage, its input gradient
+    # back to the first stage.
+    for labels in (None, x["labels"]):
+        with torch.set_grad_enabled(labels is not None):
+            if first:
+                hidden = model(x["tokens"], x["position_ids"], images=x["images"])
+                dist.send(hidden.detach().contiguous(), dst=1)
+                if labels is not None:
+                    grad = torch.empty(shape)
+                    dist.recv(grad, src=1)
+                    hidden.backward(grad)
+            else:
+                hidden = torch.empty(shape)
+                dist.recv(hidden, src=0)
+                hidden.requires_grad_(labels is not None)
+                model.set_input_tensor(hidden)
+                result = model(x["tokens"], x["position_ids"], labels=labels)
+                if labels is None:
+                    out["logits"] = result
+                else:
+                    result.mean().backward()
+                    dist.send(hidden.grad.contiguous(), dst=0)
+    out["grads"] = _grads(model)
 
     # Tied embeddings at PP=2: the last stage's output layer starts as a copy of the first
     # stage's embedding (Megatron's embedding-group all-reduce, here on CPU).
@@ -129,28 +201,57 @@ def _pipeline_suite(tiny: dict, merged) -> dict:
     return out
 
 
+def _world2_suite(tiny: dict, merged) -> dict:
+    """TP=2, then (same processes, parallel state rebuilt) PP=2: one spawn instead of two."""
+    from megatron.core import parallel_state
+
+    out = {"tp2": _tp_suite(tiny, merged, 2)}
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(pipeline_model_parallel_size=2)
+    out["pp2"] = _pipeline_suite(tiny, merged)
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2)
+    out["vpp"] = _virtual_pipeline_layout()
+    return out
+
+
+def _virtual_pipeline_layout() -> list[dict]:
+    """PP=2 x 2 virtual chunks: which global layers and parts each chunk of this rank builds."""
+    from megatron.core import parallel_state
+
+    from qwen_merge_mcore.models.qwen_merge import build_model
+
+    rank = parallel_state.get_pipeline_model_parallel_rank()
+    cfg = experiment_config("qwen_merge", pp=2, vpp=2)
+    chunks = []
+    for vp in range(2):
+        model = build_model(cfg, pre_process=rank == 0 and vp == 0, post_process=rank == 1 and vp == 1,
+                            vp_stage=vp)
+        chunks.append({"layers": [layer.layer_number for layer in model.language_model.decoder.layers],
+                       "vision": model.vision_model is not None,
+                       "output": hasattr(model.language_model, "output_layer")})
+    return chunks
+
+
 # --------------------------------------------------------------------------------------------
 # Fixtures: references in this process, Megatron runs in spawned ones
 # --------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def merged(tiny, tmp_path_factory):
-    return write_merged_checkpoint(tiny, tmp_path_factory.mktemp("qwen_merge"))
+    return exported_qwen_merge(tiny, tmp_path_factory.mktemp("exported"))
 
 
 @pytest.fixture(scope="module")
 def runs(tiny, merged, distributed):
-    return {
-        "tp1": distributed(_tp_suite, world_size=1, tp=1, args=(tiny, merged, 1))[0],
-        "tp2": distributed(_tp_suite, world_size=2, tp=2, args=(tiny, merged, 2))[0],
-        "pp2": distributed(_pipeline_suite, world_size=2, pp=2, args=(tiny, merged)),
-    }
+    world2 = distributed(_world2_suite, world_size=2, tp=2, args=(tiny, merged))
+    return {"tp1": distributed(_tp_suite, world_size=1, tp=1, args=(tiny, merged, 1))[0],
+            "tp2": world2[0]["tp2"], "pp2": [rank["pp2"] for rank in world2],
+            "vpp": [rank["vpp"] for rank in world2]}
 
 
 @pytest.fixture(scope="module")
 def text_reference(tiny):
-    from qwen_merge_mcore.fixtures.tiny import tiny_model_config
-
     x = text_inputs(tiny_model_config().language.vocab_size)
     with torch.no_grad():
         return {name: hf_qwen3(tiny[folder])(x["tokens"]).logits
@@ -158,7 +259,12 @@ def text_reference(tiny):
 
 
 @pytest.fixture(scope="module")
-def multimodal_reference(tiny, merged):
+def multimodal_reference(merged):
+    return hf_project_model_logits(merged, multimodal_inputs())
+
+
+@pytest.fixture(scope="module")
+def assembled_reference(tiny, merged):
     return hf_qwen_merge_logits(tiny, merged, multimodal_inputs())
 
 
@@ -169,8 +275,6 @@ def multimodal_reference(tiny, merged):
 @pytest.mark.parametrize("tp", [1, 2])
 @pytest.mark.parametrize("tied", ["untied", "tied"])
 def test_text_logits_equal_transformers_qwen3(runs, text_reference, tp, tied):
-    from qwen_merge_mcore.fixtures.tiny import tiny_model_config
-
     vocab = tiny_model_config().language.vocab_size
     logits = runs[f"tp{tp}"][f"{tied}_logits"]
     ref = text_reference[tied]
@@ -186,8 +290,6 @@ def test_text_logits_equal_transformers_qwen3(runs, text_reference, tp, tied):
 
 def test_reference_assembly_is_qwen3_for_text(tiny, text_reference):
     """The MRoPE-fed transformers layers used as the multimodal reference are Qwen3 on text."""
-    from qwen_merge_mcore.fixtures.tiny import tiny_model_config
-
     lang = tiny_model_config().language
     x = text_inputs(lang.vocab_size)
     qwen3 = hf_qwen3(tiny["qwen3"])
@@ -197,10 +299,36 @@ def test_reference_assembly_is_qwen3_for_text(tiny, text_reference):
 
 
 @pytest.mark.parametrize("tp", [1, 2])
-def test_multimodal_logits_equal_reference(runs, multimodal_reference, tp):
+def test_multimodal_logits_equal_project_hf_model(runs, multimodal_reference, tp):
+    """Full forward with 3 images in 2 samples = Qwen2_5_VL_MergeForConditionalGeneration."""
     logits = runs[f"tp{tp}"]["mm_logits"]
     vocab = multimodal_reference.shape[-1]
     assert (logits[..., :vocab] - multimodal_reference).abs().max() < TOL
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_multimodal_logits_equal_stock_transformers_assembly(runs, assembled_reference, tp):
+    """... and = stock transformers parts: Qwen2.5-VL vision tower + GELU + mlp.4 + Qwen3 with MRoPE."""
+    logits = runs[f"tp{tp}"]["mm_logits"]
+    vocab = assembled_reference.shape[-1]
+    assert (logits[..., :vocab] - assembled_reference).abs().max() < TOL
+
+
+def test_plain_qwen2_5_vl_equals_transformers(tiny, runs):
+    """Architecture qwen2_5_vl (qkv bias, no q/k norm, merger without mlp.4) against transformers'
+    Qwen2_5_VLForConditionalGeneration, which derives its own MRoPE ids from the grids. TP=1 only:
+    the tiny VLM's 3 heads do not split in two."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    x = multimodal_inputs()
+    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny["qwen2_5_vl"], dtype=torch.float32).eval()
+    # transformers 5 derives 3D positions only when told which tokens are image tokens (type 1).
+    types = (x["tokens"] == hf.config.image_token_id).int()
+    with torch.no_grad():
+        ref = hf(input_ids=x["tokens"], pixel_values=x["images"].pixel_values, image_grid_thw=x["images"].grid_thw,
+                 mm_token_type_ids=types).logits
+    ours = runs["tp1"]["qwen2_5_vl_logits"]
+    assert (ours[..., :ref.shape[-1]] - ref).abs().max() < TOL
 
 
 @pytest.mark.parametrize("tp", [1, 2])
@@ -213,7 +341,28 @@ def test_pipeline_split_equals_single_stage(runs):
     first, last = runs["pp2"]
     assert first["has_vision"] and not last["has_vision"]
     assert first["layers"] == [1] and last["layers"] == [2, 3, 4]  # uneven: first_stage_layers=1
-    assert (last["logits"] - runs["tp1"]["mm_logits"]).abs().max() < TOL
+    vocab = tiny_model_config().language.vocab_size  # the pad columns beyond it are -inf
+    assert (last["logits"][..., :vocab] - runs["tp1"]["mm_logits"][..., :vocab]).abs().max() < TOL
+
+
+def test_pipeline_split_gradients_equal_single_stage(runs):
+    """Backward through the split (input gradient sent back to the first stage) gives PP=1's
+    gradients on both stages: ViT, projector, embedding, first and last decoder layers, output."""
+    first, last = runs["pp2"]
+    reference = runs["tp1"]["grads"]
+    assert set(first["grads"]) | set(last["grads"]) == set(reference)
+    for name, grad in {**first["grads"], **last["grads"]}.items():
+        # float32 summation-order differences only: 1e-4 relative to the tensor's largest entry.
+        scale = reference[name].abs().max()
+        assert scale > 0 and (grad - reference[name]).abs().max() <= 1e-4 * scale, name
+
+
+def test_virtual_pipeline_chunks(runs):
+    """Interleaved layout: rank 0 holds layers 1 and 3 (ViT on its first chunk), rank 1 layers 2 and 4."""
+    (r0c0, r0c1), (r1c0, r1c1) = runs["vpp"]
+    assert [c["layers"] for c in (r0c0, r1c0, r0c1, r1c1)] == [[1], [2], [3], [4]]
+    assert [c["vision"] for c in (r0c0, r0c1, r1c0, r1c1)] == [True, False, False, False]
+    assert [c["output"] for c in (r0c0, r0c1, r1c0, r1c1)] == [False, False, False, True]
 
 
 def test_pipeline_tied_output_layer_starts_as_embedding(runs):
@@ -233,6 +382,12 @@ def test_freeze_keeps_frozen_weights_and_trains_the_rest(runs, parts):
             assert changed, f"trainable {name} did not change after an optimizer step"
     for part, (trainable, frozen_count) in res["counts"].items():
         assert (trainable == 0) == (part in parts) and (frozen_count == 0) == (part not in parts), (part, res["counts"])
+
+
+def test_placeholder_count_mismatch_is_a_clear_error(runs):
+    short, missing = runs["tp1"]["errors"]
+    assert "give 43 embeddings" in short and "hold 42 image placeholder tokens" in short
+    assert "42" not in missing and "43 image placeholder tokens but no images" in missing
 
 
 def test_freeze_rejects_unknown_part():

@@ -1,0 +1,158 @@
+"""Megatron-Core torch_dist checkpoint -> Hugging Face folder, one layer in memory at a time.
+
+Megatron's `dist_checkpointing.load` is asked for a few global tensors at a time (one decoder
+layer's parameters, or one embedding): it reads and reassembles them from however many TP/PP/VPP
+shards wrote them. The mapping table turns each into HF tensors (dropping vocabulary padding),
+which go straight to their place in the output shards. Works for layer-stacked
+(`...layers.<param>` with a layer axis) and per-layer (`...layers.<i>.<param>`) keys, te or local
+names. The config, tokenizer, processor and chat template come from `hf_meta/`, stored there by
+`hf2mcore`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..hf_config import model_config_from_hf
+from ..utils.atomic import atomic_output_dir
+from .hf2mcore import HF_META
+from .mapping import ParamMapping, param_mappings, to_backend_name
+from .safetensors_io import CheckpointError, ShardedSafetensorsWriter, TensorSpec, preview
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+_HF_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float16: "float16"}
+
+
+class _StoredTensor:
+    """Where a table entry lives in the checkpoint: a key and, for layer-stacked keys, the layer."""
+
+    def __init__(self, key: str, shape: tuple[int, ...], dtype: torch.dtype, layer: int | None, layers: int):
+        self.key, self.shape, self.dtype, self.layer, self.layers = key, shape, dtype, layer, layers
+
+    def sharded_tensor(self):
+        from megatron.core.dist_checkpointing import ShardedTensor
+
+        if self.layer is None:
+            return ShardedTensor.from_rank_offsets(self.key, torch.empty(self.shape, dtype=self.dtype))
+        # One layer of a layer-stacked key, addressed as a [1, ...] block of the [layers, ...] tensor
+        # (with a prepended axis, Megatron's loader assumes every rank holds a layer).
+        data = torch.empty((1, *self.shape), dtype=self.dtype)
+        return ShardedTensor.from_rank_offsets(self.key, data, (0, self.layer, self.layers))
+
+    def unwrap(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor if self.layer is None else tensor[0]
+
+
+def locate(name: str, metadata: dict) -> _StoredTensor:
+    """Find table entry `name` (global layer index, local spec) among the checkpoint's keys."""
+    for backend in ("local", "te"):
+        key = to_backend_name(name, backend)
+        if key in metadata:
+            meta = metadata[key]
+            return _StoredTensor(key, tuple(meta.global_shape), meta.dtype, None, 0)
+        if ".layers." in key:
+            head, tail = key.split(".layers.", 1)
+            idx, rest = tail.split(".", 1)
+            stacked = f"{head}.layers.{rest}"
+            if stacked in metadata:
+                meta = metadata[stacked]
+                return _StoredTensor(stacked, tuple(meta.global_shape[1:]), meta.dtype, int(idx),
+                                     meta.global_shape[0])
+    raise CheckpointError(f"the checkpoint has no tensor for {name}")
+
+
+def _group(name: str) -> str:
+    """Load unit: all parameters of one transformer layer together, anything else alone."""
+    if ".layers." in name:
+        head, tail = name.split(".layers.", 1)
+        return f"{head}.layers.{tail.split('.', 1)[0]}"
+    return name
+
+
+def mcore_to_hf(mcore_dir: str | Path, out: str | Path, dtype: str | None = None, overwrite: bool = False,
+                max_shard_bytes: int = 5 * 10**9, progress: bool = True) -> Path:
+    from megatron.core import dist_checkpointing
+
+    mcore_dir = Path(mcore_dir)
+    meta_dir = mcore_dir / HF_META
+    if not (mcore_dir / "metadata.json").exists():
+        raise CheckpointError(f"{mcore_dir}: not a Megatron distributed checkpoint (no metadata.json)")
+    if not (meta_dir / "config.json").exists():
+        raise CheckpointError(f"{mcore_dir}: no {HF_META}/config.json (was it written by `qmm hf2mcore`?)")
+    hf_cfg = json.loads((meta_dir / "config.json").read_text())
+    cfg = model_config_from_hf(hf_cfg)
+    if dtype is None:
+        dtype = {"float32": "fp32", "float16": "fp16"}.get(hf_cfg.get("dtype") or hf_cfg.get("torch_dtype"), "bf16")
+    out_dtype = DTYPES[dtype]
+    with _single_process_group():
+        metadata = dist_checkpointing.load_tensors_metadata(str(mcore_dir))
+        table = param_mappings(cfg, 1)
+        stored = {m.megatron: locate(m.megatron, metadata) for m in table}
+        _check_leftovers(metadata, stored)
+        specs = []
+        for m in table:
+            metas = m.transform.unmerge(torch.empty(stored[m.megatron].shape, device="meta"))
+            specs += [TensorSpec(h, tuple(t.shape), out_dtype) for h, t in zip(m.hf, metas)]
+        groups: dict[str, list[ParamMapping]] = defaultdict(list)
+        for m in table:
+            groups[_group(m.megatron)].append(m)
+        with atomic_output_dir(out, overwrite=overwrite) as tmp:
+            writer = ShardedSafetensorsWriter(tmp, specs, max_shard_bytes)
+            bar = tqdm(total=writer.total_size, unit="B", unit_scale=True, desc="mcore2hf", disable=not progress)
+            for members in groups.values():
+                request = {m.megatron: stored[m.megatron].sharded_tensor() for m in members}
+                # A subset of the checkpoint: no full-coverage check.
+                loaded = dist_checkpointing.load(request, str(mcore_dir), validate_access_integrity=False)
+                for m in members:
+                    for h, t in zip(m.hf, m.transform.unmerge(stored[m.megatron].unwrap(loaded.pop(m.megatron)))):
+                        writer.write(h, t.to(out_dtype))
+                        bar.update(t.numel() * out_dtype.itemsize)
+                del loaded
+            bar.close()
+            writer.close()
+            _copy_meta(meta_dir, tmp, _HF_DTYPE_NAMES[out_dtype])
+    return Path(out)
+
+
+def _check_leftovers(metadata: dict, stored: dict[str, _StoredTensor]) -> None:
+    used = {s.key for s in stored.values()}
+    leftover = sorted(k for k in metadata if k not in used and not k.endswith("_extra_state"))
+    if leftover:
+        raise CheckpointError(f"{len(leftover)} checkpoint tensors have no HF mapping: {preview(leftover)}")
+
+
+def _copy_meta(meta_dir: Path, dest: Path, dtype_name: str) -> None:
+    for path in sorted(meta_dir.iterdir()):
+        if path.is_file():
+            shutil.copy2(path, dest / path.name)
+    cfg = json.loads((dest / "config.json").read_text())
+    cfg["dtype"] = dtype_name
+    cfg.pop("torch_dtype", None)
+    (dest / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+class _single_process_group:
+    """Megatron's loader runs collectives; a one-process gloo group serves them when none exists."""
+
+    def __enter__(self):
+        import torch.distributed as dist
+
+        self.owner = not dist.is_initialized()
+        if self.owner:
+            self.tmp = tempfile.mkdtemp(prefix="qmm-pg-")
+            dist.init_process_group("gloo", init_method=f"file://{self.tmp}/store", rank=0, world_size=1)
+        return self
+
+    def __exit__(self, *exc):
+        import torch.distributed as dist
+
+        if self.owner:
+            dist.destroy_process_group()
+            shutil.rmtree(self.tmp, ignore_errors=True)
