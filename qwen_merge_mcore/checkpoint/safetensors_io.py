@@ -206,6 +206,7 @@ class ShardedSafetensorsWriter:
         self._shard_by_name = {s.name: shard for shard in self._shards for s in shard.specs}
         self._spec_by_name = {s.name: s for s in specs}
         self.written: set[str] = set()
+        self._rows_written: dict[str, int] = {}
         self.total_size = sum(s.nbytes for s in specs)
         if create:
             self.create()
@@ -239,18 +240,40 @@ class ShardedSafetensorsWriter:
             raise ValueError(f"{name}: got {tuple(tensor.shape)} {tensor.dtype}, planned {spec.shape} {spec.dtype}")
         if name in self.written:
             raise ValueError(f"{name} was already written")
-        shard = self._shard_by_name[name]
-        data = tensor.detach().cpu().contiguous().reshape(-1)
-        if data.numel():
-            view = memoryview(data.view(torch.uint8).numpy())
-            fd = os.open(self.folder / shard.file, os.O_WRONLY)
-            try:
-                done = 0
-                while done < len(view):
-                    done += os.pwrite(fd, view[done:], shard.offsets[name] + done)
-            finally:
-                os.close(fd)
+        self._put(name, tensor, 0)
         self.written.add(name)
+
+    def write_rows(self, name: str, rows: torch.Tensor, row_start: int) -> None:
+        """Write rows [row_start, row_start + len(rows)) of a planned tensor, so a large tensor can
+        be produced slice by slice; it counts as written once all its rows are (each exactly once)."""
+        spec = self._spec_by_name.get(name)
+        if spec is None:
+            raise KeyError(f"{name} is not in the output plan")
+        if (rows.dtype != spec.dtype or rows.dim() != len(spec.shape) or not spec.shape
+                or tuple(rows.shape[1:]) != spec.shape[1:] or not 0 <= row_start <= spec.shape[0] - rows.shape[0]):
+            raise ValueError(f"{name}: got rows {tuple(rows.shape)} {rows.dtype} at row {row_start}, "
+                             f"planned {spec.shape} {spec.dtype}")
+        if name in self.written:
+            raise ValueError(f"{name} was already written")
+        self._put(name, rows, row_start * (spec.nbytes // spec.shape[0]) if spec.shape[0] else 0)
+        self._rows_written[name] = self._rows_written.get(name, 0) + rows.shape[0]
+        if self._rows_written[name] == spec.shape[0]:
+            self.written.add(name)
+
+    def _put(self, name: str, tensor: torch.Tensor, byte_offset: int) -> None:
+        """pwrite the tensor's bytes at `byte_offset` within tensor `name`'s place in its shard."""
+        data = tensor.detach().cpu().contiguous().reshape(-1)
+        if not data.numel():
+            return
+        shard = self._shard_by_name[name]
+        view = memoryview(data.view(torch.uint8).numpy())
+        fd = os.open(self.folder / shard.file, os.O_WRONLY)
+        try:
+            done = 0
+            while done < len(view):
+                done += os.pwrite(fd, view[done:], shard.offsets[name] + byte_offset + done)
+        finally:
+            os.close(fd)
 
     def close(self, written: Iterable[str] = ()) -> None:
         """Check every planned tensor was written (here or, listed in `written`, by other

@@ -26,6 +26,9 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path
         raise OutputExistsError(f"{out} already exists and is not empty; pass --overwrite to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it owner-only; the result should read like any new folder
     try:
         yield tmp
     except BaseException:
