@@ -63,8 +63,9 @@ def converted(tiny, tmp_path_factory):
             out = root / _dir(name, layout)
             out.mkdir()
             ckpts[(name, layout)] = out
-            jobs.append(Job(str(sources[name]), str(out), *layout))
-    reloads = [Job(str(sources[name]), str(ckpts[(name, written)]), *at) for name, written, at in RELOADS]
+            jobs.append(Job(str(sources[name]), str(out), *layout, spec="local"))
+    reloads = [Job(str(sources[name]), str(ckpts[(name, written)]), *at, spec="local")
+               for name, written, at in RELOADS]
     per_rank = run_distributed(convert_then_reload, world_size=4, args=(jobs, reloads), timeout=900)
     for job in jobs:  # the parent's part of hf2mcore
         copy_hf_meta(Path(job.hf), Path(job.out) / HF_META)

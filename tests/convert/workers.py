@@ -4,27 +4,8 @@ suite pays the process start-up once."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
-
+from qwen_merge_mcore.checkpoint.hf2mcore import ConvertOptions as Job
 from qwen_merge_mcore.config import ParallelConfig
-
-
-@dataclass
-class Job:
-    hf: str
-    out: str
-    tp: int = 1
-    pp: int = 1
-    vpp: Optional[int] = None
-    first_stage_layers: Optional[int] = None
-    spec: str = "local"
-
-    @property
-    def parallel(self) -> ParallelConfig:
-        return ParallelConfig(tensor_model_parallel_size=self.tp, pipeline_model_parallel_size=self.pp,
-                              virtual_pipeline_model_parallel_size=self.vpp,
-                              first_stage_layers=self.first_stage_layers)
 
 
 def _layout(parallel: ParallelConfig) -> None:
