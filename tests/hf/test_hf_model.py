@@ -193,11 +193,25 @@ def test_decode_step_uses_cached_rope_deltas(loaded, image):
 
 
 REMOTE_SCRIPT = textwrap.dedent("""
-    import importlib.util, json, sys
+    import importlib.abc, json, sys
+
+    class NoProject(importlib.abc.MetaPathFinder):
+        # The machine without this package: however it was installed (editable or not),
+        # nothing can import it, so the remote code must stand alone.
+
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] == "qwen_merge_mcore":
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+    sys.meta_path.insert(0, NoProject())
     import torch
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor
-    assert importlib.util.find_spec("qwen_merge_mcore") is None, "qwen_merge_mcore is importable"
+    try:
+        import qwen_merge_mcore
+        raise AssertionError("qwen_merge_mcore is importable")
+    except ModuleNotFoundError:
+        pass
     folder, image, prompts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
     model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32)
@@ -213,7 +227,8 @@ REMOTE_SCRIPT = textwrap.dedent("""
 
 def test_remote_code_without_package(loaded, merge_dirs, image, tmp_path):
     """A fresh interpreter that cannot import qwen_merge_mcore (isolated mode, run outside the
-    repo) loads the folder through its remote code and generates the same tokens."""
+    repo, the package hidden even where it is pip-installed) loads the folder through its remote
+    code and generates the same tokens."""
     from .helpers import chat_prompt
 
     model, processor = loaded
