@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 
 from qwen_merge_mcore.cli import main
 
@@ -33,7 +32,6 @@ def test_compare_qwen3_tp2_from_pp2_checkpoint(tiny, converted, capsys):
 
 
 def test_compare_qwen_merge(converted, capsys):
-    pytest.importorskip("qwen_merge_mcore.hf", reason="needs the transformers Qwen-Merge class (hf integration)")
     report = _compare(capsys, converted["sources"]["merge"], converted["ckpts"][("merge", (2, 1, None, None))], 2)
     for prompt in ("text", "image"):
         assert report[prompt]["max_abs_diff"] <= TOL and report[prompt]["top5_agreement"] == 1.0, report

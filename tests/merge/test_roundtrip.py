@@ -1,23 +1,11 @@
-"""A merged Qwen-Merge checkpoint survives `qmm hf2mcore` and `qmm mcore2hf` bit for bit.
+"""A merged Qwen-Merge checkpoint survives `qmm hf2mcore` and `qmm mcore2hf` bit for bit."""
 
-Needs the converters (issue #4: `qmm build`, `qmm hf2mcore`, `qmm mcore2hf`); skipped with that
-reason until they are on this branch.
-"""
-
-import importlib.util
 import subprocess
 import sys
 
-import pytest
 import torch
 
 from qwen_merge_mcore.checkpoint.safetensors_io import SafetensorsFolder
-
-CONVERTERS = ("build", "hf2mcore", "mcore2hf")
-MISSING = [c for c in CONVERTERS if importlib.util.find_spec(f"qwen_merge_mcore.commands.{c}") is None]
-
-pytestmark = pytest.mark.skipif(bool(MISSING), reason=f"needs the converter commands (issue #4): qmm "
-                                                     f"{', qmm '.join(MISSING)} not on this branch yet")
 
 
 def qmm(*args):

@@ -23,10 +23,6 @@ STEPS, INTERVAL = 12, 3
 LINE = re.compile(r"\[stage3\] iter\s+(\d+)/\d+ \| loss ([0-9.]+)")
 
 
-# The job reads generated data through the data pipeline (issue #5).
-pytest.importorskip("qwen_merge_mcore.data.loader", reason="needs the data pipeline (qwen_merge_mcore.data)")
-
-
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
     reason = ensure_slurm_installed()
