@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import socket
 import traceback
 from typing import Any, Callable
@@ -35,8 +36,9 @@ def _worker(rank: int, world_size: int, port: int, parallel: ParallelConfig, fn:
     torch.set_num_threads(1)  # N ranks share the machine's cores
     try:
         distributed.initialize(parallel, backend="gloo", timeout_minutes=5)
-        result = fn(*args)
-        queue.put((rank, True, result))
+        # Plain pickle copies tensor data; the queue's own pickler would pass tensors as shared
+        # file descriptors, which break when this rank exits before the parent reads them.
+        queue.put((rank, True, pickle.dumps(fn(*args))))
     except BaseException:
         queue.put((rank, False, traceback.format_exc()))
     finally:
@@ -63,7 +65,7 @@ def run_distributed(fn: Callable, world_size: int = 2, tp: int = 1, pp: int = 1,
         for _ in procs:
             rank, ok, payload = queue.get(timeout=timeout)
             if ok:
-                results[rank] = payload
+                results[rank] = pickle.loads(payload)
             else:
                 errors.append(f"rank {rank} failed:\n{payload}")
                 break  # the other ranks may be stuck in a collective
