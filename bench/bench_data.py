@@ -5,7 +5,7 @@ packing efficiency vs padding each batch to its longest sample.
 
 Both preprocessors start from the same encoded JPEG bytes and end with the same patch tensor:
 transformers' side is PIL decode + Qwen2VLImageProcessorPil (what the HF processor runs without
-torchvision); ours is qwen_merge_mcore.data.vision.ImageProcessor (DALI decode/resize/normalise,
+torchvision, whose PyPI wheel does not load next to torch+cpu); ours is qwen_merge_mcore.data.vision.ImageProcessor (DALI decode/resize/normalise,
 torch patchify). Packing uses the loader's own first-fit-decreasing over windows of 512 samples
 on two length distributions (synthetic, shaped like the stage data; see docs/data.md).
 """
@@ -112,7 +112,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=96)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--samples", type=int, default=20000, help="samples per packing distribution")
     args = p.parse_args()
     bench_preprocessing(args.images, args.threads, args.repeats)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .errors import BadSample
-from .vision import VisionSpec, dali_error, dali_to_torch, patch_graph, patch_shape, smart_resize
+from .vision import VisionSpec, dali_error, dali_to_torch, normalize_graph, patchify, smart_resize
 
 DALI_CPU_CODECS = {"vp8", "vp9", "mjpeg"}
 
@@ -102,10 +102,7 @@ class VideoProcessor:
             # A failed DALI pipeline cannot be reused; a short clip fails the patch reshape.
             self._decode_pipe = self._frames_pipe = None
             raise BadSample("bad_video", f"failed to decode: {dali_error(err)}") from None
-        p = self.spec.patch_size
-        # reshape of the view copies only when needed; clone() so the tensor outlives DALI's buffer.
-        return ProcessedVideo(patches.reshape(-1, 3 * self.spec.temporal_patch_size * p * p).clone(), plan.grid_thw,
-                              plan.second_per_grid_t)
+        return ProcessedVideo(patches, plan.grid_thw, plan.second_per_grid_t)
 
     def _dali_decode(self, data: bytes, plan: VideoPlan) -> torch.Tensor:
         if self._decode_pipe is None:
@@ -115,11 +112,10 @@ class VideoProcessor:
         pipe.feed_input("frames", [np.array(plan.frames, dtype=np.int32)])
         self._feed_plan(pipe, plan)
         (out,) = pipe.run()
-        return dali_to_torch(out, 0)
+        return patchify(dali_to_torch(out, 0), self.spec)
 
     def _feed_plan(self, pipe, plan: VideoPlan) -> None:
         pipe.feed_input("size", [np.array(plan.size, dtype=np.float32)])
-        pipe.feed_input("shape", [np.array(patch_shape(len(plan.frames), *plan.size, self.spec), dtype=np.int32)])
 
     def _pyav_decode(self, data: bytes, plan: VideoPlan) -> np.ndarray:
         import av
@@ -148,7 +144,7 @@ class VideoProcessor:
         pipe.feed_input("frames_in", [frames], layout="FHWC")
         self._feed_plan(pipe, plan)
         (out,) = pipe.run()
-        return dali_to_torch(out, 0)
+        return patchify(dali_to_torch(out, 0), self.spec)
 
 
 def _build_video_pipeline(device_id: Optional[int], num_threads: int, spec: VisionSpec, decode: bool):
@@ -160,7 +156,6 @@ def _build_video_pipeline(device_id: Optional[int], num_threads: int, spec: Visi
                   prefetch_queue_depth=1)
     def graph():
         size = fn.external_source(name="size", dtype=types.FLOAT)
-        shape = fn.external_source(name="shape", dtype=types.INT32)
         if decode:
             encoded = fn.external_source(name="encoded", dtype=types.UINT8)
             frames = fn.external_source(name="frames", dtype=types.INT32)
@@ -169,7 +164,7 @@ def _build_video_pipeline(device_id: Optional[int], num_threads: int, spec: Visi
             clip = fn.external_source(name="frames_in", dtype=types.UINT8, layout="FHWC")
             if device_id is not None:
                 clip = clip.gpu()
-        return patch_graph(clip, size, shape, image=False)
+        return normalize_graph(clip, size, sequence=True)
 
     pipe = graph()
     pipe.build()

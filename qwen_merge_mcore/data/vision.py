@@ -1,8 +1,9 @@
 """Image preprocessing with NVIDIA DALI, in the exact layout of Qwen2-VL's image processor.
 
 decode -> Qwen2.5-VL smart resize (sides multiples of patch*merge = 28, area within
-[min_pixels, max_pixels]) -> bicubic resize -> CLIP normalise -> patches. On a GPU the decode is
-DALI's `mixed` (nvImageCodec on the device) and resize/normalise run on the device; on CPU the same
+[min_pixels, max_pixels]) -> bicubic resize -> CLIP normalise, in DALI; then `patchify` cuts the
+planar result into patches with one torch copy. On a GPU the decode is DALI's `mixed`
+(nvImageCodec on the device) and resize/normalise/patchify run on the device; on CPU the same
 graph runs with `device_id=None`.
 
 DALI aborts a whole pipeline on one undecodable image (and the pipeline cannot be reused), so
@@ -79,35 +80,36 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
     return h_bar, w_bar
 
 
-def patch_shape(frames: int, height: int, width: int, spec: VisionSpec) -> list[int]:
-    """How `patch_graph` views a resized HWC image (frames = 1) or FHWC clip before reordering."""
-    p, m, t = spec.patch_size, spec.merge_size, spec.temporal_patch_size
-    split = [height // (p * m), m, p, width // (p * m), m, p, 3]
-    return split if frames == 1 else [frames // t, t] + split
+def normalize_graph(frames, size, sequence: bool):
+    """DALI nodes: decoded uint8 HWC images (or FHWC clips) -> resized, normalised float CHW (FCHW).
 
-
-def patch_graph(frames, size, shape, image: bool):
-    """DALI nodes: decoded uint8 HWC images (or FHWC clips) -> normalised patches in Qwen2-VL's
-    order: [h/m, w/m, m, m, C, P, P] for an image (the temporal copy is added on the host, see
-    `ImageProcessor`), [t, h/m, w/m, m, m, C, T, P, P] for a clip. Flattened, rows are patches
-    and the 2x2 patches that the projector merges are consecutive.
-
-    The reorder runs on uint8 (a quarter of the bytes of float), then one fused cast-normalise.
+    PIL's BICUBIC (transformers' reference) is Keys' cubic, widened when shrinking; DALI's
+    INTERP_CUBIC with antialias=True is the same filter. Both round the result to uint8, then
+    crop_mirror_normalize casts, normalises and makes the image planar in one fused pass.
     """
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
 
-    # PIL's BICUBIC (transformers' reference) is Keys' cubic, widened when shrinking; DALI's
-    # INTERP_CUBIC with antialias=True is the same filter. Both round the result to uint8.
     x = fn.resize(frames, size=size, interp_type=types.INTERP_CUBIC, antialias=True)
-    x = fn.reshape(x, shape=shape)
-    if image:  # [h/m, m, P, w/m, m, P, C] -> [h/m, w/m, m, m, C, P, P]
-        x, channel_shape = fn.transpose(x, perm=[0, 3, 1, 4, 6, 2, 5]), (3, 1, 1)
-    else:  # [t, T, h/m, m, P, w/m, m, P, C] -> [t, h/m, w/m, m, m, C, T, P, P]
-        x, channel_shape = fn.transpose(x, perm=[0, 2, 5, 3, 6, 8, 1, 4, 7]), (3, 1, 1, 1)
-    mean = np.array([255 * m for m in CLIP_MEAN], np.float32).reshape(channel_shape)
-    scale = np.array([1 / (255 * s) for s in CLIP_STD], np.float32).reshape(channel_shape)
-    return (fn.cast(x, dtype=types.FLOAT) - types.Constant(mean)) * types.Constant(scale)
+    return fn.crop_mirror_normalize(x, dtype=types.FLOAT, output_layout="FCHW" if sequence else "CHW",
+                                    mean=[255 * m for m in CLIP_MEAN], std=[255 * s for s in CLIP_STD])
+
+
+def patchify(frames: torch.Tensor, spec: VisionSpec) -> torch.Tensor:
+    """Normalised [F, C, H, W] frames -> [patches, C*T*P*P] in Qwen2-VL's order: rows walk the
+    grid (t, h/m, w/m, m, m), so the 2x2 patches the projector merges are consecutive. An image
+    (F = 1) fills one temporal patch by repetition, as in Qwen2-VL.
+
+    One strided copy on the host (or device) does the reorder and the repetition: cheaper than
+    DALI's generic transpose on CPU. The permutation moves C inside the patch, so the result never
+    aliases `frames` and outlives DALI's output buffer.
+    """
+    f, c, h, w = frames.shape
+    p, m, t = spec.patch_size, spec.merge_size, spec.temporal_patch_size
+    if f == 1:
+        frames, f = frames.expand(t, c, h, w), t
+    x = frames.reshape(f // t, t, c, h // (p * m), m, p, w // (p * m), m, p)
+    return x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8).reshape(-1, c * t * p * p)
 
 
 def image_size(data: bytes) -> tuple[int, int]:
@@ -153,10 +155,9 @@ def _build_image_pipeline(batch_size: int, device_id: Optional[int], num_threads
     def graph():
         encoded = fn.external_source(name="encoded", dtype=types.UINT8)
         size = fn.external_source(name="size", dtype=types.FLOAT)
-        shape = fn.external_source(name="shape", dtype=types.INT32)
         decoded = fn.decoders.image(encoded, device="cpu" if device_id is None else "mixed",
                                     output_type=types.RGB)
-        return patch_graph(decoded, size, shape, image=True)
+        return normalize_graph(decoded, size, sequence=False)
 
     pipe = graph()
     pipe.build()
@@ -186,20 +187,6 @@ def dali_to_torch(tensor_list, index: int) -> torch.Tensor:
         feed_ndarray(item, out, cuda_stream=torch.cuda.current_stream())
         return out
     return torch.from_numpy(np.asarray(item))
-
-
-def _repeat_temporal(result, index: int, t: int, p: int) -> torch.Tensor:
-    """[n, C, P, P] patches of one image -> [n, C*T*P*P]: the image fills one temporal patch by
-    repetition, as in Qwen2-VL. The copy out of DALI's buffer writes the repeats (numpy's
-    broadcast copy is several times faster than torch's for this shape on CPU)."""
-    from nvidia.dali.backend import TensorGPU
-
-    if isinstance(result[index], TensorGPU):
-        view = dali_to_torch(result, index).reshape(-1, 3, 1, p, p)
-        return view.expand(-1, 3, t, p, p).reshape(-1, 3 * t * p * p)
-    view = np.asarray(result[index]).reshape(-1, 3, 1, p, p)
-    rows = np.broadcast_to(view, (view.shape[0], 3, t, p, p)).reshape(-1, 3 * t * p * p)
-    return torch.from_numpy(rows.copy() if np.may_share_memory(rows, view) else rows)  # t == 1: still a view
 
 
 @dataclass
@@ -250,12 +237,7 @@ class ImageProcessor:
         pipe = self._pipeline()
         pipe.feed_input("encoded", [np.frombuffer(d, dtype=np.uint8) for d in chunk])
         pipe.feed_input("size", [np.array([h, w], dtype=np.float32) for h, w in sizes])
-        pipe.feed_input("shape", [np.array(patch_shape(1, h, w, self.spec), dtype=np.int32) for h, w in sizes])
         (result,) = pipe.run()
-        p, t = self.spec.patch_size, self.spec.temporal_patch_size
-        out = []
-        for i, (h, w) in enumerate(sizes):
-            # An image fills one temporal patch by repetition, as in Qwen2-VL: [n, C, 1, P, P] ->
-            # [n, C, T, P, P], written in the copy out of DALI's buffer.
-            out.append(ProcessedImage(_repeat_temporal(result, i, t, p), (1, h // p, w // p)))
-        return out
+        p = self.spec.patch_size
+        return [ProcessedImage(patchify(dali_to_torch(result, i)[None], self.spec), (1, h // p, w // p))
+                for i, (h, w) in enumerate(sizes)]
