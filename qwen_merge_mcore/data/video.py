@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .errors import BadSample
-from .vision import VisionSpec, dali_error, dali_to_torch, normalize_graph, patchify, smart_resize
+from .vision import SYNC_EXECUTOR, VisionSpec, dali_error, dali_to_torch, normalize_graph, patchify, smart_resize
 
 DALI_CPU_CODECS = {"vp8", "vp9", "mjpeg"}
 
@@ -152,8 +152,7 @@ def _build_video_pipeline(device_id: Optional[int], num_threads: int, spec: Visi
     import nvidia.dali.types as types
     from nvidia.dali import pipeline_def
 
-    @pipeline_def(batch_size=1, num_threads=num_threads, device_id=device_id, exec_dynamic=True,
-                  prefetch_queue_depth=1)
+    @pipeline_def(batch_size=1, num_threads=num_threads, device_id=device_id, **SYNC_EXECUTOR)
     def graph():
         size = fn.external_source(name="size", dtype=types.FLOAT)
         if decode:
