@@ -1,13 +1,14 @@
 """Data pipeline benchmark (CPU): DALI preprocessing vs transformers' Qwen2-VL image processor, and
 packing efficiency vs padding each batch to its longest sample.
 
-    /work/main/.venv/bin/python bench/bench_data.py [--images 96] [--threads 2]
+    .venv/bin/python bench/bench_data.py [--images 96] [--threads 2] [--repeats 9]
 
 Both preprocessors start from the same encoded JPEG bytes and end with the same patch tensor:
 transformers' side is PIL decode + Qwen2VLImageProcessorPil (what the HF processor runs without
-torchvision, whose PyPI wheel does not load next to torch+cpu); ours is qwen_merge_mcore.data.vision.ImageProcessor (DALI decode/resize/normalise,
-torch patchify). Packing uses the loader's own first-fit-decreasing over windows of 512 samples
-on two length distributions (synthetic, shaped like the stage data; see docs/data.md).
+torchvision, whose PyPI wheel does not load next to torch+cpu); ours is
+qwen_merge_mcore.data.vision.ImageProcessor (DALI decode/resize/normalise, torch patchify).
+Packing uses the loader's own first-fit-decreasing over windows of 512 samples on two length
+distributions (synthetic, shaped like the stage data; see docs/data.md).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Regenerate docs/scaling.md: the planner's best layouts for the 72B-ViT variants on H100s,
 the calibration against published benchmarks, and the model's assumptions.
 
-    /work/main/.venv/bin/python bench/make_scaling_report.py [--out docs/scaling.md]
+    .venv/bin/python bench/make_scaling_report.py [--out docs/scaling.md]
 
 Every number comes from `qwen_merge_mcore.perf` (no measurement): ratios are predicted.
 """
