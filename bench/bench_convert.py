@@ -89,7 +89,7 @@ def main() -> int:
         shutil.rmtree(root / "copy")
         os.sync()
         start = time.perf_counter()
-        hf_to_mcore(ConvertOptions(hf=str(src), out=str(root / "mcore"), tp=args.tp, pp=args.pp, spec="local",
+        hf_to_mcore(ConvertOptions(hf=str(src), out=str(root / "mcore"), tp=args.tp, pp=args.pp,
                                    progress=False, sync_files=args.fsync))
         convert_s = time.perf_counter() - start
         ranks = json.loads((root / "mcore" / MANIFEST).read_text())["ranks"]

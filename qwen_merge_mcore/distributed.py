@@ -1,10 +1,24 @@
-"""Process-group and Megatron-Core parallel-state setup from torchrun or Slurm variables."""
+"""Process groups and Megatron-Core's parallel state: set up from torchrun or Slurm variables
+(`initialize`), or for N ranks spawned on this machine (`run_distributed`, what the converters and
+`qmm compare` use when not launched by torchrun/srun, and the tests' harness).
+
+    results = run_distributed(check_fn, world_size=2, tp=2, args=(tmp_path,))
+
+`fn(*args)` runs on every rank after `initialize`; its return values come back as a list indexed
+by rank. An exception on any rank fails the call with that rank's traceback. `fn` must be
+importable (a module-level function), as with any spawned process.
+"""
 
 from __future__ import annotations
 
 import datetime
+import multiprocessing as mp
 import os
+import pickle
+import socket
+import traceback
 from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -68,3 +82,66 @@ def destroy() -> None:
     parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, parallel: ParallelConfig, collective_timeout_minutes: int,
+            fn: Callable, args: tuple, queue) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)  # N ranks share the machine's cores
+    try:
+        initialize(parallel, backend="gloo", timeout_minutes=collective_timeout_minutes)
+        # Plain pickle copies tensor data; the queue's own pickler would pass tensors as shared
+        # file descriptors, which break when this rank exits before the parent reads them.
+        queue.put((rank, True, pickle.dumps(fn(*args))))
+    except BaseException:
+        queue.put((rank, False, traceback.format_exc()))
+    finally:
+        try:
+            destroy()
+        except Exception:
+            pass
+
+
+def run_distributed(fn: Callable, world_size: int = 2, tp: int = 1, pp: int = 1, vpp: Optional[int] = None,
+                    args: tuple = (), timeout: float = 600, collective_timeout_minutes: int = 5) -> list[Any]:
+    """`fn(*args)` on `world_size` spawned CPU processes (gloo) with Megatron's parallel state.
+
+    `timeout`: seconds to wait for all results. `collective_timeout_minutes`: how long a rank waits
+    in one collective for the others; a converter's ranks meet at the end of writing their shards,
+    so for a 72B model it must cover the slowest rank's whole write (`qmm hf2mcore
+    --timeout-minutes`)."""
+    parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                              virtual_pipeline_model_parallel_size=vpp)
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, parallel, collective_timeout_minutes, fn, args,
+                                               queue))
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results: dict[int, Any] = {}
+    errors: list[str] = []
+    try:
+        for _ in procs:
+            rank, ok, payload = queue.get(timeout=timeout)
+            if ok:
+                results[rank] = pickle.loads(payload)
+            else:
+                errors.append(f"rank {rank} failed:\n{payload}")
+                break  # the other ranks may be stuck in a collective
+    finally:
+        for p in procs:
+            p.join(timeout=5 if errors else 30)
+            if p.is_alive():
+                p.kill()
+    if errors:
+        raise RuntimeError("\n".join(errors))
+    return [results[r] for r in range(world_size)]

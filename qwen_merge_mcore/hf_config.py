@@ -1,4 +1,7 @@
-"""Hugging Face `config.json` contents for the model parts, built from our typed configs."""
+"""Hugging Face `config.json` contents, both ways: built from our typed configs (for fixtures and
+exports), and read into them (`model_config_from_hf`). The one place that knows the layouts of
+HF config dicts (nested `text_config` or flat, `rope_parameters` or `rope_scaling`, `dtype` or
+`torch_dtype`)."""
 
 from __future__ import annotations
 
@@ -48,6 +51,26 @@ def qwen2_5_vl_vision_dict(vision: VisionConfig, out_hidden_size: int) -> dict:
     }
 
 
+def text_section(hf: dict) -> dict:
+    """The language model's fields: `text_config` (transformers 5, Qwen-Merge), else the top level
+    (Qwen3, hub configs of Qwen2.5-VL)."""
+    return hf.get("text_config") or hf
+
+
+def rope_section(cfg: dict) -> dict:
+    """A copy of the rotary settings: `rope_parameters` (transformers 5) or `rope_scaling`."""
+    return dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+
+
+def head_dim(text: dict) -> int:
+    return text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
+
+
+def hf_dtype_name(hf: dict) -> str:
+    """The weights' dtype a config names (`dtype`, formerly `torch_dtype`), bfloat16 if none."""
+    return hf.get("dtype") or hf.get("torch_dtype") or "bfloat16"
+
+
 SUPPORTED_MODEL_TYPES = {"qwen2_5_vl_merge": "qwen_merge", "qwen3": "qwen3", "qwen2_5_vl": "qwen2_5_vl"}
 
 
@@ -62,13 +85,13 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"unsupported model_type {model_type!r}; expected one of {', '.join(SUPPORTED_MODEL_TYPES)}")
     architecture = SUPPORTED_MODEL_TYPES[model_type]
-    text = hf.get("text_config") or hf
-    rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+    text = text_section(hf)
+    rope = rope_section(text)
     heads = text["num_attention_heads"]
     lang = LanguageConfig(
         num_layers=text["num_hidden_layers"], hidden_size=text["hidden_size"], num_attention_heads=heads,
         num_query_groups=text.get("num_key_value_heads", heads),
-        head_dim=text.get("head_dim") or text["hidden_size"] // heads,
+        head_dim=head_dim(text),
         ffn_hidden_size=text["intermediate_size"], vocab_size=text["vocab_size"],
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
         qk_layernorm=architecture != "qwen2_5_vl", add_qkv_bias=architecture == "qwen2_5_vl",
@@ -76,8 +99,7 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
         rope_theta=float(rope.get("rope_theta", text.get("rope_theta", 1_000_000.0))),
         max_position_embeddings=text.get("max_position_embeddings", 40960),
     )
-    head_dim = lang.head_dim
-    lang.mrope_section = list(rope.get("mrope_section") or _default_mrope_section(head_dim))
+    lang.mrope_section = list(rope.get("mrope_section") or _default_mrope_section(lang.head_dim))
     model = ModelConfig(architecture=architecture, language=lang)
     if architecture == "qwen3":
         return model

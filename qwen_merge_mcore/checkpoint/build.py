@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ..dtypes import HF_NAMES, torch_dtype
+from ..hf_config import head_dim, hf_dtype_name, rope_section, text_section
 from ..templates import chat_template
 from ..utils.atomic import atomic_output_dir
 from .hf_shapes import check_shapes, qwen2_5_vl_vision_shapes, qwen3_shapes
@@ -29,7 +31,6 @@ TOKEN_ID_NAMES = {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
                    "special_tokens_map.json", "added_tokens.json")
 PROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json")
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 # Bookkeeping keys of a config that do not describe the model.
 _DROP = ("architectures", "auto_map", "transformers_version", "_name_or_path")
 
@@ -48,29 +49,22 @@ def read_config(folder: Path, expect: str) -> dict:
     return json.loads(path.read_text())
 
 
-def _rope_parameters(cfg: dict) -> dict:
-    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    return dict(rope)
-
-
 def merged_config(vlm: dict, llm: dict, dtype: str | None) -> dict:
-    """config.json of the Qwen-Merge checkpoint (see the naming contract in DESIGN/BRIEF)."""
+    """config.json of the Qwen-Merge checkpoint (the naming contract is in docs/converters.md)."""
     if vlm.get("model_type") != "qwen2_5_vl":
         raise CheckpointError(f"--vlm must be a Qwen2.5-VL checkpoint (model_type qwen2_5_vl), "
                               f"got model_type {vlm.get('model_type')!r}")
     if llm.get("model_type") != "qwen3":
         raise CheckpointError(f"--llm must be a Qwen3 checkpoint (model_type qwen3), "
                               f"got model_type {llm.get('model_type')!r}")
-    vlm_text = vlm.get("text_config", vlm)  # hub configs of Qwen2.5-VL are flat, transformers 5 nests
-    mrope = _rope_parameters(vlm_text).get("mrope_section") or _rope_parameters(vlm).get("mrope_section")
+    mrope = rope_section(text_section(vlm)).get("mrope_section") or rope_section(vlm).get("mrope_section")
     if not mrope or len(mrope) != 3:
         raise CheckpointError(f"the VLM config has no 3-part rope mrope_section (got {mrope!r})")
-    head_dim = llm.get("head_dim") or llm["hidden_size"] // llm["num_attention_heads"]
-    if sum(mrope) * 2 != head_dim:
+    if sum(mrope) * 2 != head_dim(llm):
         raise CheckpointError(f"the VLM's mrope_section {mrope} covers {sum(mrope) * 2} rotary dims, but the "
-                              f"LLM's head_dim is {head_dim}: these parts cannot be merged")
+                              f"LLM's head_dim is {head_dim(llm)}: these parts cannot be merged")
     text = {k: v for k, v in llm.items() if k not in _DROP}
-    rope = _rope_parameters(llm)
+    rope = rope_section(llm)
     rope.setdefault("rope_type", rope.pop("type", "default"))
     if "rope_theta" not in rope:
         rope["rope_theta"] = llm.get("rope_theta", 1_000_000.0)
@@ -86,8 +80,7 @@ def merged_config(vlm: dict, llm: dict, dtype: str | None) -> dict:
         if name not in vlm:
             raise CheckpointError(f"the VLM config has no {name}")
         cfg[name] = vlm[name]
-    cfg["dtype"] = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}.get(dtype or "", llm.get("dtype") or
-                                                                                 llm.get("torch_dtype", "bfloat16"))
+    cfg["dtype"] = HF_NAMES[dtype] if dtype else hf_dtype_name(llm)
     return cfg
 
 
@@ -124,7 +117,7 @@ def build_qwen_merge(vlm_dir: str | Path, llm_dir: str | Path, out: str | Path, 
         raise CheckpointError(f"tensors the configs do not account for: {', '.join(extra[:10])}")
 
     hidden, merger_out = llm_cfg["hidden_size"], vlm_cfg["vision_config"]["out_hidden_size"]
-    out_dtype = DTYPES.get(dtype) if dtype else None
+    out_dtype = torch_dtype(dtype) if dtype else None
     sources = [(vlm, n) for n in vis_shapes] + [(llm, n) for n in llm_shapes]
     plan = [TensorSpec(n, src.spec(n).shape, out_dtype or src.spec(n).dtype) for src, n in sources]
     new_dtype = out_dtype or vlm.spec("visual.merger.mlp.2.weight").dtype

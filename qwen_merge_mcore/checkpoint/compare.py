@@ -9,18 +9,16 @@ positions whose top-5 token sets are equal).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from ..hf_config import model_config_from_hf
-from .hf2mcore import HF_META, experiment, model_state
+from ..dtypes import torch_dtype
+from .common import checkpoint_model_config, converter_experiment, load_model, model_chunks, read_model_config
 from .safetensors_io import CheckpointError
 
 TEXT_PROMPT = "The quick brown fox jumps over the lazy dog. Megatron and transformers must agree."
 IMAGE_PROMPT = "Describe this picture: <|vision_start|><|image_pad|><|vision_end|> in one sentence."
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def _synthetic_image():
@@ -31,34 +29,32 @@ def _synthetic_image():
     return Image.fromarray(rgb.to(torch.uint8).numpy())
 
 
-def make_inputs(hf_dir: Path, hf_cfg: dict) -> dict[str, dict]:
+def make_inputs(hf_dir: Path, cfg) -> dict[str, dict]:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     prompts = {"text": {"input_ids": tokenizer(TEXT_PROMPT, return_tensors="pt")["input_ids"]}}
-    if model_config_from_hf(hf_cfg).has_vision:
+    if cfg.has_vision:
         # The PIL image processor: transformers' AutoProcessor also loads a video processor that
         # needs torchvision, which the CPU environment does not have.
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
         image = Qwen2VLImageProcessorPil.from_pretrained(hf_dir)(images=[_synthetic_image()], return_tensors="pt")
-        merge = hf_cfg["vision_config"].get("spatial_merge_size", 2)
-        tokens = int(image["image_grid_thw"].prod()) // merge**2
+        tokens = int(image["image_grid_thw"].prod()) // cfg.vision.spatial_merge_size**2
         text = IMAGE_PROMPT.replace("<|image_pad|>", "<|image_pad|>" * tokens)
         ids = tokenizer(text, return_tensors="pt")["input_ids"]
         # transformers' Qwen2.5-VL builds MRoPE positions from these types (1: image token), as
         # its processor returns them.
-        types = (ids == hf_cfg["image_token_id"]).int()
+        types = (ids == cfg.image_token_id).int()
         prompts["image"] = {"input_ids": ids, "mm_token_type_ids": types,
                             "pixel_values": image["pixel_values"], "image_grid_thw": image["image_grid_thw"]}
     return prompts
 
 
-def reference_model(hf_dir: Path, hf_cfg: dict, dtype: torch.dtype):
-    model_type = hf_cfg.get("model_type")
-    if model_type == "qwen3":
+def reference_model(hf_dir: Path, cfg, dtype: torch.dtype):
+    if cfg.architecture == "qwen3":
         from transformers import Qwen3ForCausalLM as cls
-    elif model_type == "qwen2_5_vl":
+    elif cfg.architecture == "qwen2_5_vl":
         from transformers import Qwen2_5_VLForConditionalGeneration as cls
     else:
         try:
@@ -70,8 +66,8 @@ def reference_model(hf_dir: Path, hf_cfg: dict, dtype: torch.dtype):
 
 
 @torch.no_grad()
-def reference_logits(hf_dir: Path, hf_cfg: dict, prompts: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    model = reference_model(hf_dir, hf_cfg, dtype)
+def reference_logits(hf_dir: Path, cfg, prompts: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    model = reference_model(hf_dir, cfg, dtype)
     return {name: model(**inputs).logits[0].float() for name, inputs in prompts.items()}
 
 
@@ -80,20 +76,18 @@ def megatron_logits(mcore_dir: str, prompts: dict, dtype: str) -> dict[str, torc
     """On every rank of an initialised TP group (PP=1): load the checkpoint, run the prompts,
     gather the vocabulary-parallel logits."""
     import torch.distributed as dist
-    from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
 
     from ..batch import VisionInput
     from ..config import ParallelConfig
-    from ..models.qwen_merge import build_model
     from ..positions import mrope_position_ids
 
-    cfg = model_config_from_hf(json.loads((Path(mcore_dir) / HF_META / "config.json").read_text()))
+    cfg = checkpoint_model_config(mcore_dir)[1]
     cfg.backend = "local" if not torch.cuda.is_available() else "auto"
     tp = ps.get_tensor_model_parallel_world_size()
-    model = build_model(experiment(cfg, ParallelConfig(tensor_model_parallel_size=tp), dtype)).eval()
-    state = dist_checkpointing.load(model_state([model]), mcore_dir)
-    model.load_state_dict(state["model"])
+    (model,) = model_chunks(converter_experiment(cfg, ParallelConfig(tensor_model_parallel_size=tp), dtype))
+    load_model([model], mcore_dir)
+    model.eval()
     out = {}
     for name, inputs in prompts.items():
         ids = inputs["input_ids"]
@@ -102,7 +96,7 @@ def megatron_logits(mcore_dir: str, prompts: dict, dtype: str) -> dict[str, torc
                                  video_token_id=cfg.video_token_id,
                                  spatial_merge_size=cfg.vision.spatial_merge_size,
                                  tokens_per_second=cfg.vision.tokens_per_second)
-        images = (VisionInput(inputs["pixel_values"].to(DTYPES[dtype]), grid) if grid is not None else None)
+        images = (VisionInput(inputs["pixel_values"].to(torch_dtype(dtype)), grid) if grid is not None else None)
         logits = model(ids, pos[:, None, :], images=images)[0].float()  # [S, V_padded / TP]
         parts = [torch.empty_like(logits) for _ in range(tp)]
         dist.all_gather(parts, logits.contiguous(), group=ps.get_tensor_model_parallel_group())
@@ -121,13 +115,12 @@ def summarize(ref: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> dic
 
 
 def compare(hf_dir: str | Path, mcore_dir: str | Path, tp: int = 1, dtype: str = "fp32") -> dict:
-    from ..testing.distributed import run_distributed
+    from ..distributed import run_distributed
 
     hf_dir, mcore_dir = Path(hf_dir), Path(mcore_dir)
-    if not (mcore_dir / HF_META / "config.json").exists():
-        raise CheckpointError(f"{mcore_dir}: no {HF_META}/config.json (was it written by `qmm hf2mcore`?)")
-    hf_cfg = json.loads((hf_dir / "config.json").read_text())
-    prompts = make_inputs(hf_dir, hf_cfg)
-    ref = reference_logits(hf_dir, hf_cfg, prompts, DTYPES[dtype])
+    checkpoint_model_config(mcore_dir)  # refuses a folder that is not a converted checkpoint
+    cfg = read_model_config(hf_dir / "config.json")[1]
+    prompts = make_inputs(hf_dir, cfg)
+    ref = reference_logits(hf_dir, cfg, prompts, torch_dtype(dtype))
     got = run_distributed(megatron_logits, world_size=tp, tp=tp, args=(str(mcore_dir), prompts, dtype))[0]
     return {"hf": str(hf_dir), "mcore": str(mcore_dir), "tp": tp, "dtype": dtype, **summarize(ref, got)}

@@ -5,8 +5,9 @@ staging tensors (filesystem_async.py) and allocates its status tensor on
 `torch.cuda.current_device()` (state_dict_saver.py), unconditionally, so a CPU-only save fails
 before anything is written. `cpu_save_compat()` makes `synchronize` a no-op and
 `current_device` return "cpu" for the duration of one save, only when CUDA is unavailable; on a
-GPU machine it changes nothing. Loading needs no patch. Both the trainer and the converters
-save through `save_dist_checkpoint` below, so this is the one place that knows about it.
+GPU machine it changes nothing. Loading needs no patch. The trainer saves through
+`save_dist_checkpoint` below, so this is the one place that knows about it; the converters'
+streaming writer (dcp_stream.py) calls no CUDA API and needs none of it.
 """
 
 from __future__ import annotations

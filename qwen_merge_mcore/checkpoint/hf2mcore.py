@@ -2,8 +2,9 @@
 
 Each rank builds its part of the model on the meta device (so the checkpoint's keys, global shapes
 and offsets come from Megatron itself: layer-stacked decoder keys, the SwiGLU fc1 factory, tied
-embeddings, te/local names), checks every HF tensor it needs against them, then writes through
-`dcp_stream.save_streaming`, reading each tensor slice from safetensors when it is written.
+embeddings; the te spec's names, which the local spec it is built with writes too), checks every
+HF tensor it needs against them, then writes through `dcp_stream.save_streaming`, reading each
+tensor slice from safetensors (`hf_source.HFTensorSource`) when it is written.
 
 The output folder holds the torch_dist files, `hf_meta/` (config, tokenizer, processor, chat
 template: what `mcore2hf` copies back) and `convert_manifest.json` (every written tensor with
@@ -16,20 +17,22 @@ import json
 import os
 import resource
 import time
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
-from ..config import ExperimentConfig, ModelConfig, ParallelConfig, PrecisionConfig, TrainConfig
+from ..config import ModelConfig, ParallelConfig
 from ..config.schema import validate_layout
-from ..hf_config import model_config_from_hf
 from ..utils.atomic import atomic_output_dir
+from .common import HF_META, converter_experiment, copy_hf_meta, model_chunks, model_state, read_model_config
 from .mapping import param_mappings
-from .safetensors_io import INDEX, CheckpointError, SafetensorsFolder, preview
+from .safetensors_io import CheckpointError, SafetensorsFolder, preview
 
-HF_META = "hf_meta"
 MANIFEST = "convert_manifest.json"
+# The ranks meet in a collective after writing their shards, so one rank may wait there for the
+# slowest one's whole write: a 72B model (145 GB in bf16) written by one rank at 50 MB/s (a busy
+# shared file system) takes 50 minutes; collectives of training runs default to 30.
+TIMEOUT_MINUTES = 240
 
 
 @dataclass
@@ -40,11 +43,11 @@ class ConvertOptions:
     pp: int = 1
     vpp: Optional[int] = None
     first_stage_layers: Optional[int] = None
-    spec: str = "auto"  # layer names of the training backend: te, local, or auto (te where it imports)
     dtype: str = "bf16"
     overwrite: bool = False
     progress: bool = True
     sync_files: bool = True
+    timeout_minutes: int = TIMEOUT_MINUTES  # one collective's limit (see TIMEOUT_MINUTES)
 
     @property
     def parallel(self) -> ParallelConfig:
@@ -53,12 +56,11 @@ class ConvertOptions:
                               first_stage_layers=self.first_stage_layers)
 
 
-def read_model_config(folder: SafetensorsFolder, spec: str) -> ModelConfig:
-    try:
-        cfg = model_config_from_hf(folder.config())
-    except (KeyError, ValueError) as err:
-        raise CheckpointError(f"{folder.folder}/config.json: cannot read the model config ({err})") from None
-    cfg.backend = spec
+def converter_model_config(folder: SafetensorsFolder) -> ModelConfig:
+    """The HF folder's model, built with the local spec: it runs anywhere (also on the meta
+    device) and writes the same torch_dist keys as the te spec."""
+    cfg = read_model_config(folder.folder / "config.json")[1]
+    cfg.backend = "local"
     return cfg
 
 
@@ -85,37 +87,10 @@ def check_coverage(folder: SafetensorsFolder, cfg: ModelConfig) -> None:
         raise CheckpointError(f"{folder.folder}: " + "; ".join(problems))
 
 
-def experiment(cfg: ModelConfig, parallel: ParallelConfig, dtype: str) -> ExperimentConfig:
-    return ExperimentConfig(model=cfg, parallel=parallel, precision=PrecisionConfig(params_dtype=dtype),
-                            train=TrainConfig(train_iters=1, freeze=[]))
-
-
-def meta_model_chunks(exp: ExperimentConfig) -> list:
-    """This rank's model chunks (one per virtual pipeline stage) with no storage behind them."""
-    import torch
-    from megatron.core import parallel_state as ps
-
-    from ..models.qwen_merge import build_model
-
-    vpp = exp.parallel.virtual_pipeline_model_parallel_size
-    chunks = []
-    with torch.device("meta"):
-        for vp in (range(vpp) if vpp else [None]):
-            chunks.append(build_model(exp, ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
-                                      ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp), vp))
-    return chunks
-
-
-def model_state(chunks: list) -> dict:
-    """The sharded state dict as Megatron training saves it: `model`, or `model0..` per VP stage."""
-    if len(chunks) == 1:
-        return {"model": chunks[0].sharded_state_dict()}
-    return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
-
-
 def convert_rank(hf_dir: str, out_dir: str, cfg: ModelConfig, parallel: ParallelConfig, dtype: str,
                  progress: bool = False, sync_files: bool = True) -> dict:
     """One rank's part of the conversion (inside an initialised process group)."""
+    import torch
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing.mapping import is_main_replica
@@ -125,7 +100,8 @@ def convert_rank(hf_dir: str, out_dir: str, cfg: ModelConfig, parallel: Parallel
     from .hf_source import HFTensorSource, sharded_tensors
 
     folder = SafetensorsFolder(hf_dir)
-    state = model_state(meta_model_chunks(experiment(cfg, parallel, dtype)))
+    with torch.device("meta"):
+        state = model_state(model_chunks(converter_experiment(cfg, parallel, dtype)))
     source = HFTensorSource(folder, cfg, ps.get_tensor_model_parallel_world_size())
     problems, used = source.check(state)
     gathered: list = [None] * dist.get_world_size()
@@ -154,10 +130,8 @@ def convert_rank(hf_dir: str, out_dir: str, cfg: ModelConfig, parallel: Parallel
 def hf_to_mcore(opts: ConvertOptions) -> Path:
     """Convert, spawning one CPU/GPU process per model-parallel rank, or, under torchrun/srun
     (WORLD_SIZE set), as this process's rank."""
-    from ..models.backend import resolve_backend
-
     folder = SafetensorsFolder(opts.hf)
-    cfg = read_model_config(folder, resolve_backend(opts.spec))
+    cfg = converter_model_config(folder)
     parallel = opts.parallel
     check_layout(cfg, parallel)
     check_coverage(folder, cfg)
@@ -166,10 +140,11 @@ def hf_to_mcore(opts: ConvertOptions) -> Path:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return _as_launched_rank(opts, folder, cfg, args)
     with atomic_output_dir(opts.out, overwrite=opts.overwrite) as tmp:
-        from ..testing.distributed import run_distributed
+        from ..distributed import run_distributed
 
         results = run_distributed(convert_rank, world_size=opts.tp * opts.pp, tp=opts.tp, pp=opts.pp,
-                                  vpp=opts.vpp, args=(str(folder.folder), str(tmp), *args), timeout=24 * 3600)
+                                  vpp=opts.vpp, args=(str(folder.folder), str(tmp), *args), timeout=24 * 3600,
+                                  collective_timeout_minutes=opts.timeout_minutes)
         _finish(tmp, results, folder, cfg, opts)
     return Path(opts.out)
 
@@ -181,7 +156,7 @@ def _as_launched_rank(opts: ConvertOptions, folder: SafetensorsFolder, cfg: Mode
 
     from .. import distributed
 
-    distributed.initialize(opts.parallel)
+    distributed.initialize(opts.parallel, timeout_minutes=opts.timeout_minutes)
     try:
         rank0 = dist.get_rank() == 0
         with (atomic_output_dir(opts.out, overwrite=opts.overwrite) if rank0 else contextlib.nullcontext()) as tmp:
@@ -213,18 +188,9 @@ def _finish(tmp: Path, results: list[dict], folder: SafetensorsFolder, cfg: Mode
         raise CheckpointError(f"{opts.hf}: cannot convert: " + "; ".join(problems[:10]))
     copy_hf_meta(folder.folder, tmp / HF_META)
     manifest = {"source": str(Path(opts.hf).absolute()), "format": "torch_dist",
-                "architecture": cfg.architecture, "spec": cfg.backend, "dtype": opts.dtype,
+                "architecture": cfg.architecture, "dtype": opts.dtype,
                 "parallel": {"tp": opts.tp, "pp": opts.pp, "vpp": opts.vpp,
                              "first_stage_layers": opts.first_stage_layers},
                 "ranks": [r["rank"] for r in results],
                 "tensors": sorted((w for r in results for w in r["written"]), key=lambda w: (w["key"], w["offset"]))}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-
-
-def copy_hf_meta(hf_dir: Path, dest: Path) -> None:
-    """Everything but the weights: config, tokenizer, chat template, processor, remote code."""
-    dest.mkdir(parents=True)
-    for path in sorted(hf_dir.iterdir()):
-        if path.is_file() and not path.name.endswith(".safetensors") and path.name != INDEX:
-            shutil.copy2(path, dest / path.name)
-

@@ -1,9 +1,11 @@
-"""Megatron checkpoint tensors computed on demand from a Hugging Face folder via the mapping table.
+"""Megatron checkpoint tensors computed on demand from a Hugging Face folder via the mapping table:
+the one import path. `qmm hf2mcore` writes them, `load_hf_weights` copies them into a model
+(tests, `qmm compare` references, training started from an HF folder).
 
-A Megatron `ShardedTensor` names a key (te or local spec; layer-stacked `...layers.<param>` with
-the layer index as a prepended axis, or per-layer `...layers.<i>.<param>`), a global shape and
-this rank's offsets. `HFTensorSource` turns it into the table's global local-spec name, checks
-the HF tensors against the shape Megatron expects, and reads exactly this rank's slice.
+A Megatron `ShardedTensor` names a key (layer-stacked `...layers.<param>` with the layer index as a
+prepended axis, or per-layer `...layers.<i>.<param>`), a global shape and this rank's offsets.
+`HFTensorSource` turns it into the table's name, checks the HF tensors against the shape Megatron
+expects, and reads exactly this rank's slice.
 """
 
 from __future__ import annotations
@@ -19,20 +21,20 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 
 from ..config import ModelConfig
-from .mapping import GatedMLP, ParamMapping, param_mappings, to_local_name
-from .safetensors_io import CheckpointError, SafetensorsFolder
+from .mapping import GatedMLP, ParamMapping, param_mappings, split_layer
+from .safetensors_io import CheckpointError, SafetensorsFolder, preview
 
 
 def table_name(sh_ten: ShardedTensor) -> tuple[str, tuple[int, ...], tuple[int, ...]]:
-    """(global local-spec name, offsets, global shape) of one layer's tensor."""
+    """(table name with the global layer index, offsets, global shape) of one layer's tensor."""
     n = sh_ten.prepend_axis_num
     key = sh_ten.key
     if n:
-        if n != 1 or ".layers." not in key:
+        layer = split_layer(key)
+        if n != 1 or layer is None or layer.index is not None:
             raise CheckpointError(f"{key}: unexpected {n} prepended axes")
-        head, tail = key.split(".layers.", 1)
-        key = f"{head}.layers.{sh_ten.global_offset[0]}.{tail}"
-    return to_local_name(key), tuple(sh_ten.global_offset[n:]), tuple(sh_ten.global_shape[n:])
+        key = layer.at(sh_ten.global_offset[0])
+    return key, tuple(sh_ten.global_offset[n:]), tuple(sh_ten.global_shape[n:])
 
 
 def sharded_tensors(state: dict) -> list[ShardedTensor]:
@@ -98,6 +100,8 @@ def single_read(mapping: ParamMapping) -> bool:
 
 
 class HFTensorSource:
+    """This rank's Megatron tensors, read slice by slice from an HF folder through the table."""
+
     def __init__(self, folder: SafetensorsFolder, cfg: ModelConfig, tp_size: int):
         self.folder = folder
         self._reader = _ScratchFolder(folder)
@@ -130,13 +134,20 @@ class HFTensorSource:
                                 f"the HF tensors give {shape if isinstance(shape, str) else list(shape)} ({got})")
         return problems, used
 
-    def materialize(self, sh_ten: ShardedTensor) -> torch.Tensor:
+    def read(self, sh_ten: ShardedTensor) -> torch.Tensor:
+        """The slice `sh_ten` describes, in its dtype. From the single-read ring buffer: valid
+        until the next-but-one read."""
         name, offsets, _ = table_name(sh_ten)
         mapping = self.table[name]
         index = tuple(slice(o, o + s) for o, s in zip(offsets, sh_ten.local_shape))
         reader = self._reader if single_read(mapping) else self.folder
-        tensor = mapping.transform.megatron_slice(reader, mapping.hf, index)
-        tensor = tensor.to(sh_ten.dtype).contiguous()
+        return mapping.transform.megatron_slice(reader, mapping.hf, index).to(sh_ten.dtype).contiguous()
+
+    def materialize(self, sh_ten: ShardedTensor) -> torch.Tensor:
+        """`read`, recorded for the conversion manifest (the streaming writer's callback)."""
+        name = table_name(sh_ten)[0]
+        tensor = self.read(sh_ten)
+        mapping = self.table[name]
         raw = tensor.view(-1).view(torch.uint8).numpy() if tensor.numel() else b""
         self.written.append(WrittenTensor(sh_ten.key, list(sh_ten.global_offset), list(sh_ten.local_shape),
                                           str(sh_ten.dtype).removeprefix("torch."), zlib.crc32(raw),
@@ -144,3 +155,29 @@ class HFTensorSource:
         if self.on_write:
             self.on_write(tensor.numel() * tensor.element_size())
         return tensor
+
+
+def module_sharded_state(model: torch.nn.Module) -> dict:
+    """The sharded state dict of a model chunk, or of a plain container of chunk parts (tests
+    build `vision_model` + `projector` alone), with the keys a full chunk gives them."""
+    if hasattr(model, "sharded_state_dict"):
+        return model.sharded_state_dict()
+    return {k: v for name, child in model.named_children() for k, v in child.sharded_state_dict(f"{name}.").items()}
+
+
+@torch.no_grad()
+def load_hf_weights(model: torch.nn.Module, hf_dir, cfg: ModelConfig) -> list[str]:
+    """Copy this rank's slice of every tensor of `model` from an HF folder, reading only that
+    slice (the path `qmm hf2mcore` writes through). Returns the HF tensor names this rank did not
+    use. Raises CheckpointError, naming the folder, for unmapped, missing or mis-shaped tensors."""
+    from megatron.core import parallel_state
+
+    folder = SafetensorsFolder(hf_dir)
+    state = module_sharded_state(model)
+    source = HFTensorSource(folder, cfg, parallel_state.get_tensor_model_parallel_world_size())
+    problems, used = source.check(state)
+    if problems:
+        raise CheckpointError(f"{folder.folder}: cannot load: {preview(problems, 5)}")
+    for sh_ten in sharded_tensors(state):
+        sh_ten.data.copy_(source.read(sh_ten))
+    return sorted(set(folder.names()) - used)

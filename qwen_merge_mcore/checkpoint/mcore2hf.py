@@ -4,30 +4,27 @@ Megatron's `dist_checkpointing.load` is asked for a few global tensors at a time
 layer's parameters, or one embedding): it reads and reassembles them from however many TP/PP/VPP
 shards wrote them. The mapping table turns each into HF tensors (dropping vocabulary padding),
 which go straight to their place in the output shards. Works for layer-stacked
-(`...layers.<param>` with a layer axis) and per-layer (`...layers.<i>.<param>`) keys, te or local
-names. The config, tokenizer, processor and chat template come from `hf_meta/`, stored there by
-`hf2mcore`.
+(`...layers.<param>` with a layer axis) and per-layer (`...layers.<i>.<param>`) keys, and for
+checkpoints with the local spec's older norm names (`common.stored_key`). The config, tokenizer,
+processor, chat template and remote code come from `hf_meta/`, stored there by `hf2mcore`.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from ..hf_config import model_config_from_hf
+from ..dtypes import HF_NAMES, from_hf_name, torch_dtype
+from ..hf_config import hf_dtype_name
 from ..utils.atomic import atomic_output_dir
-from .hf2mcore import HF_META
-from .mapping import ParamMapping, param_mappings, to_backend_name
+from .common import EXTRA_STATE, HF_META, checkpoint_model_config, single_process_group, stored_key
+from .mapping import ParamMapping, param_mappings, split_layer
 from .safetensors_io import CheckpointError, ShardedSafetensorsWriter, TensorSpec, preview
-
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
-_HF_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float16: "float16"}
 
 
 class _StoredTensor:
@@ -51,29 +48,25 @@ class _StoredTensor:
 
 
 def locate(name: str, metadata: dict) -> _StoredTensor:
-    """Find table entry `name` (global layer index, local spec) among the checkpoint's keys."""
-    for backend in ("local", "te"):
-        key = to_backend_name(name, backend)
-        if key in metadata:
-            meta = metadata[key]
-            return _StoredTensor(key, tuple(meta.global_shape), meta.dtype, None, 0)
-        if ".layers." in key:
-            head, tail = key.split(".layers.", 1)
-            idx, rest = tail.split(".", 1)
-            stacked = f"{head}.layers.{rest}"
-            if stacked in metadata:
-                meta = metadata[stacked]
-                return _StoredTensor(stacked, tuple(meta.global_shape[1:]), meta.dtype, int(idx),
-                                     meta.global_shape[0])
+    """Find table entry `name` (global layer index) among the checkpoint's keys: per layer, or
+    one layer of a layer-stacked key."""
+    key = stored_key(name, metadata)
+    if key in metadata:
+        meta = metadata[key]
+        return _StoredTensor(key, tuple(meta.global_shape), meta.dtype, None, 0)
+    layer = split_layer(name)
+    if layer is not None:
+        stacked = stored_key(layer.stacked, metadata)
+        if stacked in metadata:
+            meta = metadata[stacked]
+            return _StoredTensor(stacked, tuple(meta.global_shape[1:]), meta.dtype, layer.index, meta.global_shape[0])
     raise CheckpointError(f"the checkpoint has no tensor for {name}")
 
 
 def _group(name: str) -> str:
     """Load unit: all parameters of one transformer layer together, anything else alone."""
-    if ".layers." in name:
-        head, tail = name.split(".layers.", 1)
-        return f"{head}.layers.{tail.split('.', 1)[0]}"
-    return name
+    layer = split_layer(name)
+    return name if layer is None else layer.layer
 
 
 def mcore_to_hf(mcore_dir: str | Path, out: str | Path, dtype: str | None = None, overwrite: bool = False,
@@ -84,14 +77,11 @@ def mcore_to_hf(mcore_dir: str | Path, out: str | Path, dtype: str | None = None
     meta_dir = mcore_dir / HF_META
     if not (mcore_dir / "metadata.json").exists():
         raise CheckpointError(f"{mcore_dir}: not a Megatron distributed checkpoint (no metadata.json)")
-    if not (meta_dir / "config.json").exists():
-        raise CheckpointError(f"{mcore_dir}: no {HF_META}/config.json (was it written by `qmm hf2mcore`?)")
-    hf_cfg = json.loads((meta_dir / "config.json").read_text())
-    cfg = model_config_from_hf(hf_cfg)
+    hf_cfg, cfg = checkpoint_model_config(mcore_dir)
     if dtype is None:
-        dtype = {"float32": "fp32", "float16": "fp16"}.get(hf_cfg.get("dtype") or hf_cfg.get("torch_dtype"), "bf16")
-    out_dtype = DTYPES[dtype]
-    with _single_process_group():
+        dtype = from_hf_name(hf_dtype_name(hf_cfg))
+    out_dtype = torch_dtype(dtype)
+    with single_process_group():
         metadata = dist_checkpointing.load_tensors_metadata(str(mcore_dir))
         table = param_mappings(cfg, 1)
         stored = {m.megatron: locate(m.megatron, metadata) for m in table}
@@ -117,14 +107,14 @@ def mcore_to_hf(mcore_dir: str | Path, out: str | Path, dtype: str | None = None
                 del loaded
             bar.close()
             writer.close()
-            _copy_meta(meta_dir, tmp, _HF_DTYPE_NAMES[out_dtype])
+            _copy_meta(meta_dir, tmp, HF_NAMES[dtype])
     return Path(out)
 
 
 def _check_leftovers(metadata: dict, stored: dict[str, _StoredTensor]) -> None:
     used = {s.key for s in stored.values()}
     # A training checkpoint also holds the optimizer's state (`optimizer.*`), which has no HF form.
-    leftover = sorted(k for k in metadata if k not in used and not k.endswith("_extra_state")
+    leftover = sorted(k for k in metadata if k not in used and not k.endswith(EXTRA_STATE)
                       and not k.startswith("optimizer."))
     if leftover:
         raise CheckpointError(f"{len(leftover)} checkpoint tensors have no HF mapping: {preview(leftover)}")
@@ -138,23 +128,3 @@ def _copy_meta(meta_dir: Path, dest: Path, dtype_name: str) -> None:
     cfg["dtype"] = dtype_name
     cfg.pop("torch_dtype", None)
     (dest / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-
-
-class _single_process_group:
-    """Megatron's loader runs collectives; a one-process gloo group serves them when none exists."""
-
-    def __enter__(self):
-        import torch.distributed as dist
-
-        self.owner = not dist.is_initialized()
-        if self.owner:
-            self.tmp = tempfile.mkdtemp(prefix="qmm-pg-")
-            dist.init_process_group("gloo", init_method=f"file://{self.tmp}/store", rank=0, world_size=1)
-        return self
-
-    def __exit__(self, *exc):
-        import torch.distributed as dist
-
-        if self.owner:
-            dist.destroy_process_group()
-            shutil.rmtree(self.tmp, ignore_errors=True)

@@ -12,7 +12,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     import json
 
-    from ..training.quickstart import Quickstart
+    from ..quickstart import Quickstart
 
     results = Quickstart(args.workdir, args.steps).run()
     print(json.dumps({k: v for k, v in results.items() if k != "seconds"}, indent=1))

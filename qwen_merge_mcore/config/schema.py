@@ -8,11 +8,13 @@ Field names follow Megatron-Core where a Megatron user would look for them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal, Optional, get_args
 
 from .errors import ConfigError
 
+# The parts of the model that `train.freeze` names (models/qwen_merge.py maps them to modules).
 Part = Literal["vision", "projector", "language"]
+PARTS: tuple[str, ...] = get_args(Part)
 
 
 def _require(cond: bool, key: str, reason: str) -> None:
@@ -259,7 +261,7 @@ class TrainConfig:
         if self.train_iters is not None:
             _require(self.train_iters > 0, f"{prefix}.train_iters", "must be > 0")
         _require(len(set(self.freeze)) == len(self.freeze), f"{prefix}.freeze", "lists a part twice")
-        _require(len(self.freeze) < 3, f"{prefix}.freeze", "freezes every part: nothing would train")
+        _require(len(self.freeze) < len(PARTS), f"{prefix}.freeze", "freezes every part: nothing would train")
         if self.recompute_method is not None or self.recompute_num_layers is not None:
             _require(self.recompute_granularity == "full", f"{prefix}.recompute_method",
                      "recompute_method/num_layers apply to recompute_granularity=full only")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..fixtures.tiny import DTYPES, PREPROCESSOR, tiny_model_config
+from ..fixtures.tiny import PREPROCESSOR, tiny_model_config
 from ..templates import chat_template
 from ..utils.atomic import atomic_output_dir
 from .remote import write_remote_code
@@ -56,7 +56,7 @@ def make_tiny_qwen_merge(out: str | Path, tiny_paths: dict, tied: bool = False, 
     model = Qwen2_5_VL_MergeForConditionalGeneration(config)
     model.load_state_dict(state, strict=True)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        model.to(DTYPES[dtype]).save_pretrained(tmp)
+        model.to(getattr(torch, dtype)).save_pretrained(tmp)  # HF names are torch attribute names
         save_processor(tmp, lang_dir)
         write_remote_code(tmp)
     return Path(out)

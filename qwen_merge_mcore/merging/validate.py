@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..checkpoint.safetensors_io import SafetensorsFolder, preview
+from ..hf_config import text_section
 
 # Fields that decide the language model's tensor shapes and how they are used.
 STRUCTURAL_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
@@ -31,8 +32,7 @@ def text_config(folder: Path) -> dict:
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{folder}: no config.json; is this a Hugging Face model folder?")
-    cfg = json.loads(path.read_text())
-    return cfg.get("text_config") or cfg
+    return text_section(json.loads(path.read_text()))
 
 
 def tokenizer_vocab(folder: Path) -> dict[str, int] | None:

@@ -14,16 +14,15 @@ import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ..config import ConfigError, LanguageConfig, ParallelConfig, PrecisionConfig, TrainConfig
+from ..dtypes import torch_dtype
 from ..utils.runtime import cuda_available
 from .fp8 import fp8_config_kwargs
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def common_config_kwargs(parallel: ParallelConfig, precision: PrecisionConfig,
                          train: Optional[TrainConfig] = None) -> dict:
     """TransformerConfig fields every transformer of the model shares."""
-    dtype = DTYPES[precision.params_dtype]
+    dtype = torch_dtype(precision.params_dtype)
     cpu = not cuda_available()
     kwargs = dict(
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,

@@ -15,12 +15,13 @@ from megatron.core.transformer.module import MegatronModule
 
 from ..batch import VisionInput
 from ..config import ExperimentConfig, ModelConfig
+from ..config.schema import PARTS
 from .backend import resolve_backend
 from .language import Qwen3LanguageModel
 from .language_config import language_transformer_config
 
-PARTS = ("vision", "projector", "language")
 _PART_MODULES = {"vision": "vision_model", "projector": "projector", "language": "language_model"}
+assert tuple(_PART_MODULES) == PARTS
 
 
 class QwenMergeModel(MegatronModule):
@@ -115,7 +116,8 @@ def build_model(exp_cfg: ExperimentConfig, pre_process: bool = True, post_proces
     return model
 
 
-def _part_modules(model: torch.nn.Module) -> dict[str, Optional[torch.nn.Module]]:
+def part_modules(model: torch.nn.Module) -> dict[str, Optional[torch.nn.Module]]:
+    """part -> its module in this chunk (None where this pipeline stage lacks it), in PARTS order."""
     model = _unwrap(model)
     return {part: getattr(model, attr, None) for part, attr in _PART_MODULES.items()}
 
@@ -136,17 +138,7 @@ def freeze(model: torch.nn.Module, parts: Iterable[str]) -> None:
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
         raise ValueError(f"unknown parts to freeze {unknown}; expected some of {list(PARTS)}")
-    for part, module in _part_modules(model).items():
+    for part, module in part_modules(model).items():
         if module is not None:
             for p in module.parameters():
                 p.requires_grad_(part not in parts)
-
-
-def parameter_counts(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
-    """part -> (trainable, frozen) parameter element counts on this rank (this stage, this TP shard)."""
-    counts = {}
-    for part, module in _part_modules(model).items():
-        params = list(module.parameters()) if module is not None else []
-        trainable = sum(p.numel() for p in params if p.requires_grad)
-        counts[part] = (trainable, sum(p.numel() for p in params) - trainable)
-    return counts

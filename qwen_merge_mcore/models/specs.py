@@ -21,6 +21,13 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 from .attention import SDPACoreAttention
 from .backend import resolve_backend
 
+# Megatron-Core's local GPT layer spec (get_gpt_layer_local_spec) maps the unfused norms onto the
+# names Transformer Engine gives them, so that checkpoints do not depend on the backend.
+LOCAL_TO_TE_KEYS = {
+    "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+    "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
+}
+
 
 class SDPALocalSpecProvider(LocalSpecProvider):
     """Megatron-Core's local modules, with a core attention that runs on CPU."""
@@ -69,6 +76,7 @@ def transformer_layer_spec(backend: str, *, qk_layernorm: bool, causal: bool) ->
             mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(
                 linear_fc1=fc1, linear_fc2=provider.row_parallel_linear())),
             mlp_bda=_bias_dropout_add(),
+            sharded_state_dict_keys_map={} if fused else dict(LOCAL_TO_TE_KEYS),
         ),
     )
 

@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
 from ..config import LanguageConfig, ModelConfig, VisionConfig
+from ..config.schema import PARTS
 
 Grid = tuple[int, int, int]  # (t, h, w) in patches, before the 2x2 merge
-PARTS = ("vision", "projector", "language")
 
 
 @dataclass(frozen=True)

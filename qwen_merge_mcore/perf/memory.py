@@ -1,8 +1,8 @@
 """Memory accounting: parameter counts per part, model-state bytes (weights, gradients,
 optimizer) and activation bytes per GPU.
 
-Parameter counts are analytic in the `ModelConfig` and follow the Megatron naming contract
-(docs in BRIEF): column-parallel weights and biases split over TP, row-parallel weights split
+Parameter counts are analytic in the `ModelConfig` and follow Megatron-Core's tensor-
+parallel layers: column-parallel weights and biases split over TP, row-parallel weights split
 and their biases replicated, norms and the ViT patch embedding replicated, the vocabulary
 padded to `make_vocab_size_divisible_by * TP` (the HF model keeps the unpadded vocabulary).
 

@@ -6,8 +6,8 @@ spool under a temporary folder, stopped by PID.
         job = slurm.sbatch(["slurm/stage3.sbatch"], env=...)
         slurm.wait(job)
 
-`ensure_slurm_installed()` installs slurm-wlm with apt-get when it is missing and this process
-may (root, apt-get present); otherwise it returns the reason it cannot.
+Slurm itself is installed by `scripts/install-slurm.sh` (which `scripts/test.sh` runs);
+`slurm_missing()` says what is absent, for a skip message.
 """
 
 from __future__ import annotations
@@ -30,20 +30,12 @@ def _missing() -> list[str]:
             and not Path("/usr/sbin", d).exists()]
 
 
-def ensure_slurm_installed() -> Optional[str]:
-    """None when Slurm is usable; else why not (for a skip message)."""
-    if not _missing():
+def slurm_missing() -> Optional[str]:
+    """None when Slurm is installed; else what is missing and how to install it."""
+    missing = _missing()
+    if not missing:
         return None
-    if os.geteuid() != 0:
-        return f"Slurm ({', '.join(_missing())}) is not installed and installing it needs root"
-    if shutil.which("apt-get") is None:
-        return f"Slurm ({', '.join(_missing())}) is not installed and there is no apt-get to install slurm-wlm"
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "slurm-wlm"]):
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-        if done.returncode:
-            return f"`{' '.join(cmd)}` failed: {done.stderr.strip()[-500:]}"
-    return None if not _missing() else f"slurm-wlm installed but {', '.join(_missing())} still missing"
+    return f"Slurm ({', '.join(missing)}) is not installed: run `bash scripts/install-slurm.sh` (scripts/test.sh does)"
 
 
 def _free_port() -> int:

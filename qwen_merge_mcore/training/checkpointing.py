@@ -32,11 +32,11 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+from ..checkpoint.common import HF_META, load_model, load_model_chunk, load_sharded, model_state
 from ..checkpoint.cpu_compat import save_dist_checkpoint
 from ..utils.atomic import atomic_write_text
 
 LATEST = "latest_checkpointed_iteration.txt"
-HF_META = "hf_meta"  # config, tokenizer, processor of the model (written by `qmm hf2mcore`)
 
 
 @dataclass
@@ -81,12 +81,6 @@ def _layout() -> dict[str, int]:
             "vpp": parallel_state.get_virtual_pipeline_model_parallel_world_size() or 1}
 
 
-def _model_state(models: list[torch.nn.Module]) -> dict:
-    if len(models) == 1:
-        return {"model": models[0].sharded_state_dict()}
-    return {f"model{i}": m.sharded_state_dict() for i, m in enumerate(models)}
-
-
 def _rng_state() -> dict:
     state = {"random": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
              "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
@@ -112,7 +106,7 @@ def _per_rank(key: str, data) -> ShardedObject:
 
 
 def _sharded_state(engine, data_state: Optional[dict], is_loading: bool, with_rank_state: bool = True) -> dict:
-    state = _model_state(engine.unwrapped())
+    state = model_state(engine.unwrapped())
     model_flat = {}
     for v in state.values():
         model_flat.update(v)
@@ -239,9 +233,9 @@ class Checkpointer:
         common = dist_checkpointing.load_common_state_dict(str(ckpt))
         same_layout = common["layout"] == _layout()
         template = _sharded_state(engine, None, is_loading=True, with_rank_state=same_layout)
-        loaded = dist_checkpointing.load(template, str(ckpt))
+        loaded = load_sharded(template, ckpt)
         for i, model in enumerate(engine.unwrapped()):
-            model.load_state_dict(loaded["model" if len(engine.unwrapped()) == 1 else f"model{i}"])
+            load_model_chunk(model, loaded["model" if len(engine.unwrapped()) == 1 else f"model{i}"])
         engine.load_optimizer_state_dict(loaded["optimizer"])
         scheduler.load_state_dict(common["scheduler"])
         if same_layout:
@@ -256,9 +250,5 @@ class Checkpointer:
 def load_weights(path: str | Path, models: list[torch.nn.Module]) -> Path:
     """Weights-only start from a converted checkpoint or a previous stage's run (any layout)."""
     ckpt = resolve_checkpoint_dir(path)
-    # Checkpoint keys are the ShardedTensor keys; the nesting of the template does not matter.
-    template = _model_state(models)
-    loaded = dist_checkpointing.load(template, str(ckpt))
-    for name, model in zip(template, models):
-        model.load_state_dict(loaded[name])
+    load_model(models, ckpt)
     return ckpt

@@ -20,7 +20,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from ..batch import Batch
 from ..config import ExperimentConfig
-from ..models.language_config import DTYPES
+from ..dtypes import torch_dtype
 from .engine import StepResult, finite
 from .loss import forward_step
 
@@ -47,7 +47,7 @@ class GPUEngine:
         opt_config = OptimizerConfig(
             optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay, adam_beta1=t.adam_beta1,
             adam_beta2=t.adam_beta2, adam_eps=t.adam_eps, clip_grad=t.clip_grad, bf16=p.params_dtype == "bf16",
-            fp16=p.params_dtype == "fp16", params_dtype=DTYPES[p.params_dtype], use_distributed_optimizer=True,
+            fp16=p.params_dtype == "fp16", params_dtype=torch_dtype(p.params_dtype), use_distributed_optimizer=True,
             overlap_param_gather=True)
         self.optimizer = get_megatron_optimizer(opt_config, self.models)
         # Hooks the schedules use to overlap communication with compute.

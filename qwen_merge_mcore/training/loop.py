@@ -13,7 +13,7 @@ from megatron.core import parallel_state
 
 from ..config import ExperimentConfig
 from ..perf.flops import BatchStats, step_flops
-from . import checkpointing, data as data_mod
+from . import checkpointing, data_source
 from .checkpointing import Checkpointer, TrainState
 from .engine import build_engine
 from .model_provider import ModelBuilder, build_chunks, check_freeze, format_report, parameter_report
@@ -54,7 +54,7 @@ def run_training(cfg: ExperimentConfig, builder: Optional[ModelBuilder] = None,
     """Train one stage on an initialised process group (see `qwen_merge_mcore.distributed`)."""
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     rank, world = dist.get_rank(), dist.get_world_size()
-    microbatches = data_mod.num_microbatches(cfg, dp)
+    microbatches = data_source.num_microbatches(cfg, dp)
     ckpt = Checkpointer(cfg.checkpoint.save, cfg.checkpoint.keep_last, cfg.checkpoint.async_save,
                         checkpointing.find_hf_meta(cfg.checkpoint.pretrained, cfg.checkpoint.save))
     resuming = cfg.checkpoint.save is not None and checkpointing.latest_iteration(cfg.checkpoint.save) is not None
@@ -66,8 +66,8 @@ def run_training(cfg: ExperimentConfig, builder: Optional[ModelBuilder] = None,
     if cfg.checkpoint.pretrained and not resuming:  # before the engine copies params (fp32 main params)
         source = checkpointing.load_weights(cfg.checkpoint.pretrained, chunks)
     engine = build_engine(cfg, chunks)
-    data = (make_data or data_mod.build_data)(cfg, dp_rank, dp)
-    total = data_mod.train_iters(cfg, data, microbatches)
+    data = (make_data or data_source.build_data)(cfg, dp_rank, dp)
+    total = data_source.train_iters(cfg, data, microbatches)
     scheduler = build_scheduler(engine.optimizer, cfg.train, total)
     state = ckpt.resume(engine, scheduler, data) if resuming else None
     log = StepLogger(cfg, rank, world, state.iteration if state else 0, total)
@@ -86,7 +86,7 @@ def run_training(cfg: ExperimentConfig, builder: Optional[ModelBuilder] = None,
         while state.iteration < total:
             # ---- one step -----------------------------------------------------------------
             start, lr = time.perf_counter(), engine.optimizer.param_groups[0]["lr"]
-            batches = data_mod.Recorder(data)
+            batches = data_source.Recorder(data)
             result = engine.train_step(batches, microbatches)
             state.iteration += 1
             if result.skipped:

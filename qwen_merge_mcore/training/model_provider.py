@@ -13,9 +13,9 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from ..checkpoint.common import model_chunks
 from ..config import ExperimentConfig
-
-PARTS = {"vision": "vision_model.", "projector": "projector.", "language": "language_model."}
+from ..config.schema import PARTS
 
 
 @dataclass
@@ -32,42 +32,36 @@ def default_builder() -> ModelBuilder:
 
 def build_chunks(cfg: ExperimentConfig, builder: Optional[ModelBuilder] = None) -> list[torch.nn.Module]:
     builder = builder or default_builder()
-    vpp = cfg.parallel.virtual_pipeline_model_parallel_size or 1
-    chunks = []
-    for vp_stage in range(vpp):
-        chunk_vp = vp_stage if vpp > 1 else None
-        pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=chunk_vp)
-        post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=chunk_vp)
-        model = builder.build(cfg, pre_process=pre, post_process=post, vp_stage=chunk_vp)
+    chunks = model_chunks(cfg, builder.build)
+    for model in chunks:
         builder.freeze(model, list(cfg.train.freeze))
         if torch.cuda.is_available():
             model.cuda(torch.cuda.current_device())
-        chunks.append(model)  # params already in precision.params_dtype (the builder's config)
-    return chunks
+    return chunks  # params already in precision.params_dtype (the builder's config)
 
 
-def parameter_report(chunks: list[torch.nn.Module]) -> dict[str, dict[str, int]]:
-    """Trainable and frozen parameter counts per part, summed over every model-parallel rank.
-
-    TP-replicated tensors (norms, the ViT patch embedding) are counted once per TP group.
-    """
+def parameter_report(chunks: list[torch.nn.Module], this_rank: bool = False) -> dict[str, dict[str, int]]:
+    """Trainable and frozen parameter counts per part: of the whole model, summed over every
+    model-parallel rank with TP-replicated tensors (norms, the ViT patch embedding) counted once
+    per TP group; or, `this_rank`, of what this rank holds (its stage, its TP shards)."""
     from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
+    from ..models.qwen_merge import part_modules
+
     counts = torch.zeros(len(PARTS), 2, dtype=torch.float64)
-    names = list(PARTS)
     for chunk in chunks:
-        for name, p in chunk.named_parameters():
-            if not param_is_not_tensor_parallel_duplicate(p):
-                continue
-            name = name.removeprefix("module.")
-            part = next((i for i, n in enumerate(names) if name.startswith(PARTS[n])), None)
-            if part is None:
-                raise ValueError(f"parameter {name} belongs to no part ({', '.join(PARTS.values())})")
-            counts[part, 0 if p.requires_grad else 1] += p.numel()
-    if dist.is_initialized():
+        for i, module in enumerate(part_modules(chunk).values()):
+            for p in module.parameters() if module is not None else ():
+                if this_rank or param_is_not_tensor_parallel_duplicate(p):
+                    counts[i, 0 if p.requires_grad else 1] += p.numel()
+        outside = sum(p.numel() for p in chunk.parameters()) - sum(
+            p.numel() for m in part_modules(chunk).values() if m is not None for p in m.parameters())
+        if outside:
+            raise ValueError(f"{outside:,} parameters of the model belong to no part ({', '.join(PARTS)})")
+    if dist.is_initialized() and not this_rank:
         counts = counts.to("cuda") if torch.cuda.is_available() else counts
         dist.all_reduce(counts, group=parallel_state.get_model_parallel_group())
-    return {n: {"trainable": int(counts[i, 0]), "frozen": int(counts[i, 1])} for i, n in enumerate(names)}
+    return {n: {"trainable": int(counts[i, 0]), "frozen": int(counts[i, 1])} for i, n in enumerate(PARTS)}
 
 
 def format_report(report: dict[str, dict[str, int]]) -> str:

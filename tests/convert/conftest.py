@@ -3,7 +3,8 @@
 
 Layouts: Qwen-Merge (TP 1/2, PP 1/2, VPP 2, uneven first stage), untied and tied Qwen3, plain
 Qwen2.5-VL (its text model has one KV head: TP 1 only), and a Qwen3 with 4 KV heads for TP=4
-(the tiny fixtures' 2 KV groups / 2 ViT heads refuse TP=4).
+(the tiny fixtures' 2 KV groups / 2 ViT heads refuse TP=4). LEGACY: checkpoints with the local
+spec's older norm names, which must still load and export.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ LAYOUTS = {  # name -> (tp, pp, vpp, first_stage_layers)
 RELOADS = [("merge", (2, 2, None, None), (1, 1, None, None)), ("merge", (1, 1, None, None), (2, 2, None, None)),
            ("merge", (2, 1, None, None), (1, 2, 2, None)), ("qwen3-tied", (1, 2, 2, None), (2, 2, None, None)),
            ("qwen3-kv4", (4, 1, None, None), (2, 2, None, None))]
+LEGACY = {"merge": (2, 1, None, None), "qwen3-tied": (1, 2, None, None)}  # name -> layout written at
+LEGACY_RELOADS = [("merge", (1, 2, 2, None)), ("qwen3-tied", (2, 1, None, None))]
 
 
 def _kv4(tiny, out):
@@ -50,7 +53,7 @@ def _dir(name, layout):
 @pytest.fixture(scope="session")
 def converted(tiny, tmp_path_factory):
     from qwen_merge_mcore.checkpoint.build import build_qwen_merge
-    from qwen_merge_mcore.checkpoint.hf2mcore import HF_META, copy_hf_meta
+    from qwen_merge_mcore.checkpoint.common import HF_META, copy_hf_meta
     from qwen_merge_mcore.testing import run_distributed
 
     root = tmp_path_factory.mktemp("convert")
@@ -63,10 +66,16 @@ def converted(tiny, tmp_path_factory):
             out = root / _dir(name, layout)
             out.mkdir()
             ckpts[(name, layout)] = out
-            jobs.append(Job(str(sources[name]), str(out), *layout, spec="local"))
-    reloads = [Job(str(sources[name]), str(ckpts[(name, written)]), *at, spec="local")
-               for name, written, at in RELOADS]
-    per_rank = run_distributed(convert_then_reload, world_size=4, args=(jobs, reloads), timeout=900)
-    for job in jobs:  # the parent's part of hf2mcore
+            jobs.append(Job(str(sources[name]), str(out), *layout))
+    legacy = [Job(str(sources[name]), str(root / f"legacy-{_dir(name, layout)}"), *layout)
+              for name, layout in LEGACY.items()]
+    for job in legacy:
+        Path(job.out).mkdir()
+    reloads = [Job(str(sources[name]), str(ckpts[(name, written)]), *at) for name, written, at in RELOADS]
+    reloads += [Job(str(sources[name]), str(root / f"legacy-{_dir(name, LEGACY[name])}"), *at)
+                for name, at in LEGACY_RELOADS]
+    per_rank = run_distributed(convert_then_reload, world_size=4, args=(jobs, legacy, reloads), timeout=900)
+    for job in jobs + legacy:  # the parent's part of hf2mcore
         copy_hf_meta(Path(job.hf), Path(job.out) / HF_META)
-    return {"sources": sources, "ckpts": ckpts, "written": [r[0] for r in per_rank], "reloaded": per_rank[0][1]}
+    return {"sources": sources, "ckpts": ckpts, "legacy": {name: Path(job.out) for name, job in zip(LEGACY, legacy)},
+            "written": [r[0] for r in per_rank], "reloaded": per_rank[0][1]}

@@ -22,7 +22,7 @@ def copy_of(tiny, tmp_path):
 
 def _refused(tmp_path, capsys, argv, message):
     out = tmp_path / "out"
-    assert main(["hf2mcore", *argv, "--out", str(out), "--spec", "local", "--no-progress"]) == 1
+    assert main(["hf2mcore", *argv, "--out", str(out), "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert message in err, err
     assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))  # nothing half-written
@@ -56,7 +56,7 @@ def test_existing_output_needs_overwrite(tiny, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "metadata.json").write_text("{}")
-    assert main(["hf2mcore", "--hf", str(tiny["qwen3"]), "--out", str(out), "--spec", "local"]) == 1
+    assert main(["hf2mcore", "--hf", str(tiny["qwen3"]), "--out", str(out)]) == 1
     assert "already exists and is not empty; pass --overwrite" in capsys.readouterr().err
     assert (out / "metadata.json").read_text() == "{}"
 

@@ -1,10 +1,11 @@
-"""The HF <-> Megatron mapping table: complete coverage of the fixtures and lossless transforms."""
+"""The HF <-> Megatron mapping table: complete coverage of the fixtures, lossless layouts, and
+slices that read only what they return."""
 
 import pytest
 import torch
 
-from qwen_merge_mcore.checkpoint.mapping import (ConvAsLinear, FusedQKV, GatedMLP, GroupedQKV, RowSplit,
-                                                 VocabSplit, param_mappings, to_backend_name, to_local_name)
+from qwen_merge_mcore.checkpoint.mapping import (ConvAsLinear, FusedQKV, GatedMLP, GroupedQKV, Same, VocabPadded,
+                                                 param_mappings, split_layer)
 from qwen_merge_mcore.checkpoint.safetensors_io import CheckpointError, SafetensorsFolder
 from qwen_merge_mcore.hf_config import model_config_from_hf
 
@@ -18,57 +19,110 @@ def test_every_hf_tensor_is_mapped_exactly_once(tiny, name):
     assert sorted(hf_names) == sorted(folder.names())
 
 
-@pytest.mark.parametrize("tp", [1, 2, 4])
-def test_transforms_round_trip(tp):
-    g = torch.Generator().manual_seed(0)
-    cases = [
+class _Tensors:
+    """A folder stand-in serving in-memory tensors, recording the rows each read asks for."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.tensors, self.reads = tensors, []
+
+    def spec(self, name):
+        return self.tensors[name]
+
+    def get(self, name, rows=None, out=None):
+        t = self.tensors[name] if rows is None else self.tensors[name][rows]
+        self.reads.append((name, t.shape[0]))
+        return t if out is None else out.copy_(t)
+
+
+def _cases(g):
+    return [
         (GroupedQKV(8, 4, 3), [torch.randn(24, 5, generator=g), torch.randn(12, 5, generator=g),
                                torch.randn(12, 5, generator=g)]),
         (GroupedQKV(8, 4, 3), [torch.randn(24, generator=g), torch.randn(12, generator=g), torch.randn(12, generator=g)]),
         (FusedQKV(4, 4, 2), [torch.randn(24, 8, generator=g)]),
         (FusedQKV(4, 4, 2), [torch.randn(24, generator=g)]),
         (GatedMLP(), [torch.randn(8, 3, generator=g), torch.randn(8, 3, generator=g)]),
-        (RowSplit(), [torch.randn(3, 8, generator=g)]),
-        (VocabSplit(10, 16), [torch.randn(10, 3, generator=g)]),
+        (Same(), [torch.randn(8, 6, generator=g)]),
+        (VocabPadded(10, 16), [torch.randn(10, 3, generator=g)]),
         (ConvAsLinear((4, 3, 2, 2, 2)), [torch.randn(4, 3, 2, 2, 2, generator=g)]),
     ]
-    for transform, hf in cases:
-        shards = [transform.to_megatron(hf, r, tp) for r in range(tp)]
-        back = transform.to_hf(shards)
+
+
+def test_layouts_round_trip():
+    for transform, hf in _cases(torch.Generator().manual_seed(0)):
+        back = transform.unmerge(transform.merge(hf))
         assert all(torch.equal(a, b) for a, b in zip(back, hf)), type(transform).__name__
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_slices_equal_the_merged_tensor(tp):
+    """Each TP rank's row chunk (and, for 2-D tensors, a column chunk as row-parallel weights
+    take it) read through `megatron_slice` equals that part of `merge`; row-streaming transforms
+    read no more rows than the slice holds. SwiGLU's fc1 comes as 2 x TP chunks (Megatron's
+    factory stores gate and up apart)."""
+    for transform, hf in _cases(torch.Generator().manual_seed(1)):
+        names = tuple(f"t{i}" for i in range(len(hf)))
+        full = transform.merge(hf)
+        dims = [0] if full.dim() == 1 or isinstance(transform, (GatedMLP, VocabPadded)) else [0, 1]
+        for dim in dims:
+            chunks = 2 * tp if isinstance(transform, GatedMLP) else tp
+            for rank, part in enumerate(full.chunk(chunks, dim)):
+                index = tuple(slice(rank * part.shape[d], (rank + 1) * part.shape[d]) if d == dim else slice(None)
+                              for d in range(full.dim()))
+                folder = _Tensors(dict(zip(names, hf)))
+                got = transform.megatron_slice(folder, names, index)
+                assert torch.equal(got, full[index]), (type(transform).__name__, tp, dim, rank)
+                if isinstance(transform, (Same, GatedMLP, VocabPadded)):
+                    assert sum(rows for _, rows in folder.reads) <= got.shape[0], type(transform).__name__
 
 
 def test_grouped_qkv_layout_matches_megatron_split():
     """Megatron views linear_qkv output as [groups, (heads/groups + 2) * head_dim] and splits
-    it into q, k, v per group; a rank holds whole groups."""
+    it into q, k, v per group; a rank's row chunk holds whole groups."""
     heads, groups, hd = 4, 2, 1
     q = torch.arange(4.0).view(4, 1)        # q heads 0..3
     k = torch.tensor([[10.0], [11.0]])       # k groups 0, 1
     v = torch.tensor([[20.0], [21.0]])
-    fused = GroupedQKV(heads, groups, hd).to_megatron([q, k, v], 0, 1)
+    fused = GroupedQKV(heads, groups, hd).merge([q, k, v])
     assert fused.flatten().tolist() == [0, 1, 10, 20, 2, 3, 11, 21]
-    assert GroupedQKV(heads, groups, hd).to_megatron([q, k, v], 1, 2).flatten().tolist() == [2, 3, 11, 21]
+    assert fused.chunk(2)[1].flatten().tolist() == [2, 3, 11, 21]
 
 
-def test_gated_mlp_rank_holds_its_gate_then_up():
+def test_gated_mlp_is_gate_then_up_and_refuses_straddling_slices():
     gate, up = torch.arange(4.0).view(4, 1), torch.arange(10.0, 14.0).view(4, 1)
-    assert GatedMLP().to_megatron([gate, up], 1, 2).flatten().tolist() == [2, 3, 12, 13]
+    assert GatedMLP().merge([gate, up]).flatten().tolist() == [0, 1, 2, 3, 10, 11, 12, 13]
+    with pytest.raises(CheckpointError, match="straddle gate and up"):
+        GatedMLP().megatron_slice(_Tensors({"g": gate, "u": up}), ("g", "u"), (slice(2, 6), slice(None)))
 
 
 def test_vocab_padding_and_mismatch():
     w = torch.randn(10, 2)
-    shard = VocabSplit(10, 16).to_megatron([w], 1, 2)
+    full = VocabPadded(10, 16).merge([w])
+    assert full.shape == (16, 2) and torch.equal(full[:10], w) and not full[10:].any()
+    shard = VocabPadded(10, 16).megatron_slice(_Tensors({"w": w}), ("w",), (slice(8, 16), slice(None)))
     assert shard.shape == (8, 2) and torch.equal(shard[:2], w[8:]) and not shard[2:].any()
     with pytest.raises(CheckpointError, match="vocabulary has 9 rows"):
-        VocabSplit(10, 16).to_megatron([torch.randn(9, 2)], 0, 1)
+        VocabPadded(10, 16).merge([torch.randn(9, 2)])
 
 
-def test_te_names():
-    name = "language_model.decoder.layers.3.input_layernorm.weight"
-    te = to_backend_name(name, "te")
-    assert te == "language_model.decoder.layers.3.self_attention.linear_qkv.layer_norm_weight"
-    assert to_local_name(te) == name and to_backend_name(name, "local") == name
-    assert to_local_name(to_backend_name("x.layers.0.pre_mlp_layernorm.weight", "te")) == "x.layers.0.pre_mlp_layernorm.weight"
+def test_layer_names():
+    layer = split_layer("language_model.decoder.layers.3.self_attention.linear_qkv.layer_norm_weight")
+    assert (layer.head, layer.index, layer.rest) == ("language_model.decoder.layers.", 3,
+                                                     "self_attention.linear_qkv.layer_norm_weight")
+    assert layer.stacked == "language_model.decoder.layers.self_attention.linear_qkv.layer_norm_weight"
+    assert layer.layer == "language_model.decoder.layers.3" and layer.at(7).endswith("layers.7.self_attention."
+                                                                                      "linear_qkv.layer_norm_weight")
+    stacked = split_layer("vision_model.decoder.layers.mlp.linear_fc1.weight")
+    assert stacked.index is None and stacked.at(2) == "vision_model.decoder.layers.2.mlp.linear_fc1.weight"
+    assert split_layer("language_model.embedding.word_embeddings.weight") is None
+
+
+def test_table_uses_the_te_norm_names(tiny):
+    cfg = model_config_from_hf(SafetensorsFolder(tiny["qwen2_5_vl"]).config())
+    names = [m.megatron for m in param_mappings(cfg)]
+    assert "language_model.decoder.layers.0.self_attention.linear_qkv.layer_norm_weight" in names
+    assert "vision_model.decoder.layers.0.mlp.linear_fc1.layer_norm_weight" in names
+    assert not [n for n in names if "input_layernorm" in n or "pre_mlp_layernorm" in n]
 
 
 def test_folder_errors(tiny, tmp_path):

@@ -1,5 +1,6 @@
-"""HF -> Megatron torch_dist -> HF is bit-exact, and the torch_dist checkpoints load at other
-layouts (the `converted` fixture in conftest.py writes them)."""
+"""HF -> Megatron torch_dist -> HF is bit-exact, the torch_dist checkpoints load at other layouts
+and hold the te spec's key names, and checkpoints with the local spec's older names still load and
+export (the `converted` fixture in conftest.py writes them)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 
 from qwen_merge_mcore.checkpoint.safetensors_io import SafetensorsFolder
 
-from .conftest import LAYOUTS, RELOADS
+from .conftest import LAYOUTS, LEGACY, LEGACY_RELOADS, RELOADS
 
 
 def _assert_same(src, back):
@@ -35,6 +36,34 @@ def test_hf_mcore_hf_bit_exact(converted, name, layout, tmp_path):
 @pytest.mark.parametrize("i", range(len(RELOADS)), ids=[f"{n}-{w}-to-{a}" for n, w, a in RELOADS])
 def test_checkpoint_loads_at_another_layout(converted, i):
     assert converted["reloaded"][i] == []  # parameters differing from the HF weights at the new layout
+
+
+def test_checkpoint_keys_are_the_te_spec_names(converted):
+    """The converter builds the local spec, yet writes the names Transformer Engine's fused
+    layers have (the local spec's sharded_state_dict_keys_map), for the ViT and the decoder."""
+    from megatron.core import dist_checkpointing
+
+    from qwen_merge_mcore.checkpoint.common import single_process_group
+
+    with single_process_group():
+        keys = set(dist_checkpointing.load_tensors_metadata(str(converted["ckpts"][("merge", (2, 1, None, None))])))
+    for part in ("language_model", "vision_model"):
+        assert f"{part}.decoder.layers.self_attention.linear_qkv.layer_norm_weight" in keys
+        assert f"{part}.decoder.layers.mlp.linear_fc1.layer_norm_weight" in keys
+    assert not [k for k in keys if "input_layernorm" in k or "pre_mlp_layernorm" in k]
+
+
+@pytest.mark.parametrize("name", list(LEGACY))
+def test_older_local_names_still_export_bit_exact(converted, name, tmp_path):
+    from qwen_merge_mcore.checkpoint.mcore2hf import mcore_to_hf
+
+    back = mcore_to_hf(converted["legacy"][name], tmp_path / "back", progress=False)
+    _assert_same(converted["sources"][name], back)
+
+
+@pytest.mark.parametrize("i", range(len(LEGACY_RELOADS)), ids=[f"{n}-to-{a}" for n, a in LEGACY_RELOADS])
+def test_older_local_names_still_load_at_another_layout(converted, i):
+    assert converted["reloaded"][len(RELOADS) + i] == []
 
 
 def test_every_rank_reads_only_its_shards(converted):

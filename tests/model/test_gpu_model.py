@@ -27,7 +27,7 @@ def _cuda(x: dict) -> dict:
 
 
 def _model(merged, backend: str, dtype: str, **precision):
-    from qwen_merge_mcore.checkpoint.mapping import load_hf_weights
+    from qwen_merge_mcore.checkpoint.hf_source import load_hf_weights
     from qwen_merge_mcore.models.qwen_merge import build_model
 
     cfg = experiment_config("qwen_merge")

@@ -29,7 +29,7 @@ TOL = 1e-4
 # --------------------------------------------------------------------------------------------
 
 def _load(cfg, folder, **stage):
-    from qwen_merge_mcore.checkpoint.mapping import load_hf_weights
+    from qwen_merge_mcore.checkpoint.hf_source import load_hf_weights
     from qwen_merge_mcore.models.qwen_merge import build_model
 
     model = build_model(cfg, **stage)
@@ -78,7 +78,7 @@ def _qwen2_5_vl_case(tiny: dict) -> torch.Tensor:
 
 def _freeze_case(merged, parts: tuple[str, ...]) -> dict:
     """One AdamW step on the multimodal loss with `parts` frozen."""
-    from qwen_merge_mcore.models.qwen_merge import parameter_counts
+    from qwen_merge_mcore.training.model_provider import parameter_report
 
     cfg = experiment_config("qwen_merge", freeze=parts)
     model = _load(cfg, merged).train()
@@ -89,7 +89,7 @@ def _freeze_case(merged, parts: tuple[str, ...]) -> dict:
     torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0).step()
     changed = {n: not torch.equal(before[n], p.detach()) for n, p in model.named_parameters()}
     grads = {n: p.grad is not None for n, p in model.named_parameters()}
-    return {"changed": changed, "has_grad": grads, "counts": parameter_counts(model)}
+    return {"changed": changed, "has_grad": grads, "counts": parameter_report([model], this_rank=True)}
 
 
 @torch.no_grad()
@@ -131,10 +131,22 @@ GRAD_PARAMS = ("vision_model.decoder.layers.0.mlp.linear_fc2.weight", "projector
 
 def _grads(model) -> dict:
     """Gradients of GRAD_PARAMS present on this stage, by global (PP=1) name."""
-    from qwen_merge_mcore.checkpoint.mapping import global_param_names
-
-    names = global_param_names(model)
+    names = _global_names(model)
     return {names[n]: p.grad.clone() for n, p in model.named_parameters() if names[n] in GRAD_PARAMS}
+
+
+def _global_names(model) -> dict[str, str]:
+    """Parameter name -> the name with the global layer index (a stage numbers its layers from 0)."""
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    from qwen_merge_mcore.checkpoint.mapping import split_layer
+
+    numbers = {name: m.layer_number - 1 for name, m in model.named_modules() if isinstance(m, TransformerLayer)}
+    out = {}
+    for name, _ in model.named_parameters():
+        layer = split_layer(name)
+        out[name] = name if layer is None else layer.at(numbers[layer.layer])
+    return out
 
 
 def _grads_case(merged) -> dict:
@@ -380,7 +392,8 @@ def test_freeze_keeps_frozen_weights_and_trains_the_rest(runs, parts):
             assert not changed and not res["has_grad"][name], f"frozen {name} moved or got a gradient"
         else:
             assert changed, f"trainable {name} did not change after an optimizer step"
-    for part, (trainable, frozen_count) in res["counts"].items():
+    for part, counts in res["counts"].items():
+        trainable, frozen_count = counts["trainable"], counts["frozen"]
         assert (trainable == 0) == (part in parts) and (frozen_count == 0) == (part not in parts), (part, res["counts"])
 
 

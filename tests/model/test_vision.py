@@ -49,7 +49,7 @@ def _build_vision(tiny):
     """ViT + plain Qwen2.5-VL projector (no mlp.4) filled from the tiny HF folder via the mapping table."""
     from megatron.core import parallel_state
 
-    from qwen_merge_mcore.checkpoint.mapping import load_hf_weights
+    from qwen_merge_mcore.checkpoint.hf_source import load_hf_weights
     from qwen_merge_mcore.config import ParallelConfig, PrecisionConfig
     from qwen_merge_mcore.models.projector import QwenMergeProjector
     from qwen_merge_mcore.models.vision import QwenVisionModel
@@ -202,7 +202,7 @@ def test_bad_input_is_named():
 
 
 def _bf16_parts(tiny, backend: str):
-    from qwen_merge_mcore.checkpoint.mapping import load_hf_weights
+    from qwen_merge_mcore.checkpoint.hf_source import load_hf_weights
     from qwen_merge_mcore.config import ParallelConfig, PrecisionConfig
     from qwen_merge_mcore.models.projector import QwenMergeProjector
     from qwen_merge_mcore.models.vision import QwenVisionModel

@@ -130,7 +130,8 @@ def _megatron_counts(tp: int, pp: int) -> dict:
     from megatron.core import parallel_state
 
     from qwen_merge_mcore.config import config_from_dict
-    from qwen_merge_mcore.models.qwen_merge import build_model, parameter_counts as built_counts
+    from qwen_merge_mcore.models.qwen_merge import build_model
+    from qwen_merge_mcore.training.model_provider import parameter_report
 
     cfg = config_from_dict({"model": {"preset": "tiny", "backend": "local"},
                             "parallel": {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
@@ -138,4 +139,4 @@ def _megatron_counts(tp: int, pp: int) -> dict:
                             "precision": {"params_dtype": "fp32"}, "train": {"train_iters": 1}}, check_runtime=False)
     stage = parallel_state.get_pipeline_model_parallel_rank()
     model = build_model(cfg, pre_process=stage == 0, post_process=stage == pp - 1)
-    return {part: sum(n) for part, n in built_counts(model).items()}
+    return {part: n["trainable"] + n["frozen"] for part, n in parameter_report([model], this_rank=True).items()}

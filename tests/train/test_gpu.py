@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from qwen_merge_mcore.fixtures.tiny_data import make_tiny_data
-from qwen_merge_mcore.training.quickstart import stage_config
+from qwen_merge_mcore.quickstart import stage_config
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -46,7 +46,8 @@ def test_freezing_is_real(results):
     r = results["freeze"]
     assert r["stage1"] == {"vision_model": False, "projector": True, "language_model": False}
     assert r["stage3"] == {"vision_model": False, "projector": True, "language_model": True}
-    assert r["loaded_pretrained"]
+    assert r["stage1_differs_from_init"]  # so that the next line could fail
+    assert r["loaded_pretrained"]  # stage 3 starts from stage 1's checkpoint
 
 
 def test_non_finite_steps_are_skipped_then_abort(results):

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from qwen_merge_mcore.fixtures.tiny_data import make_tiny_data
-from qwen_merge_mcore.testing.slurm import FINISHED, SlurmCluster, ensure_slurm_installed
+from qwen_merge_mcore.testing.slurm import FINISHED, SlurmCluster, slurm_missing
 from qwen_merge_mcore.training.checkpointing import latest_iteration
-from qwen_merge_mcore.training.quickstart import stage_config
+from qwen_merge_mcore.quickstart import stage_config
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS, INTERVAL = 12, 3
@@ -25,7 +25,7 @@ LINE = re.compile(r"\[stage3\] iter\s+(\d+)/\d+ \| loss ([0-9.]+)")
 
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
-    reason = ensure_slurm_installed()
+    reason = slurm_missing()
     if reason:
         pytest.skip(reason)
     with SlurmCluster(tmp_path_factory.mktemp("slurm")) as cluster:

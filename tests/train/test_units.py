@@ -12,7 +12,7 @@ import torch
 
 from qwen_merge_mcore.config import TrainConfig
 from qwen_merge_mcore.training import checkpointing
-from qwen_merge_mcore.training.data import num_microbatches
+from qwen_merge_mcore.training.data_source import num_microbatches
 from qwen_merge_mcore.training.model_provider import check_freeze
 from qwen_merge_mcore.training.optim import build_scheduler, param_groups
 
@@ -77,7 +77,7 @@ def test_sbatch_scripts_parse():
         assert "#SBATCH --requeue" in text and "#SBATCH --signal=B:USR1@" in text
 
 
-# DESIGN.md's stage table: (frozen parts, lr, template).
+# The stage table of docs/training.md: (frozen parts, lr, template).
 STAGES = {"stage1": (["vision", "language"], 5e-4, "pretrain"), "stage2.1": (["vision"], 5e-5, "pretrain"),
           "stage2.2": (["vision"], 5e-5, "pretrain"), "stage3": (["vision"], 5e-5, "qwen3")}
 SIZES = {

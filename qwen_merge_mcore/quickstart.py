@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 STAGES = ("stage1", "stage2.1", "stage2.2", "stage3")
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIGS = REPO / "launch" / "tiny"
 DEFAULT_WORKDIR = "work/quickstart"  # the paths written in launch/tiny/*.yaml
 
@@ -62,8 +62,8 @@ class Quickstart:
         self._run(title, [sys.executable, "-m", "qwen_merge_mcore", *args])
 
     def run(self) -> dict:
-        from ..fixtures import make_tiny
-        from ..fixtures.tiny_data import make_tiny_data
+        from .fixtures import make_tiny
+        from .fixtures.tiny_data import make_tiny_data
 
         total = time.perf_counter()
         self.work.mkdir(parents=True, exist_ok=True)
@@ -74,7 +74,7 @@ class Quickstart:
         self.qmm("qmm build", "build", "--vlm", str(models["qwen2_5_vl"]), "--llm", str(models["qwen3"]),
                  "--out", str(self.work / "hf"), "--overwrite")
         self.qmm("qmm hf2mcore (TP=2)", "hf2mcore", "--hf", str(self.work / "hf"), "--out", str(self.work / "mcore"),
-                 "--tp", "2", "--spec", "local", "--dtype", "fp32", "--no-progress", "--overwrite")
+                 "--tp", "2", "--dtype", "fp32", "--no-progress", "--overwrite")
         for stage in STAGES:
             self.train(stage)
         final = self._latest(self.work / "runs" / "stage3")
@@ -108,7 +108,7 @@ class Quickstart:
 
     @staticmethod
     def _latest(run_dir: Path) -> Path:
-        from .checkpointing import resolve_checkpoint_dir
+        from .training.checkpointing import resolve_checkpoint_dir
 
         return resolve_checkpoint_dir(run_dir)
 

@@ -1,5 +1,6 @@
-"""The seam to the data pipeline: an endless iterator of micro-batches (`Batch`) for this
-data-parallel rank, with `state_dict()` / `load_state_dict()` for the sampler position."""
+"""The training loop's data source: the seam to the data pipeline (an endless iterator of
+micro-batches, `Batch`, for this data-parallel rank, with `state_dict()` / `load_state_dict()` for
+the sampler position), the tokenizer it uses, and how many micro-batches and steps a run takes."""
 
 from __future__ import annotations
 
