@@ -156,6 +156,7 @@ def test_decoder_failure_names_the_image_and_recovers():
 
 @pytest.mark.gpu
 def test_gpu_mixed_decode_matches_cpu():
+    pytest.importorskip("nvidia.dali", reason="needs NVIDIA DALI (its nvImageCodec GPU decoder)")
     images = [make_image(h, w, fmt, seed=i) for i, (h, w, fmt) in enumerate(CASES)]
     cpu = ImageProcessor(SPEC)(images)
     gpu = ImageProcessor(SPEC, device_id=torch.cuda.current_device())(images)
@@ -169,6 +170,8 @@ def test_gpu_mixed_decode_matches_cpu():
 @pytest.mark.gpu
 def test_gpu_video_decode_matches_cpu():
     """H.264 decodes on NVDEC (DALI `mixed`) on the GPU, through PyAV on CPU."""
+    pytest.importorskip("nvidia.dali", reason="needs NVIDIA DALI (its NVDEC video decoder)")
+    pytest.importorskip("av", reason="needs PyAV (the CPU reference decode)")
     spec = VisionSpec(video_fps=2.0, video_max_frames=8, video_max_pixels=112 * 112)
     data = make_video(num_frames=40, height=96, width=128, fps=10, codec="libx264", container="mp4")
     cpu = VideoProcessor(spec)(data)

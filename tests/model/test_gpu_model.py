@@ -12,7 +12,7 @@ import torch
 
 from tests.model.references import experiment_config, exported_qwen_merge, multimodal_inputs
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.te]
 
 
 def _cuda(x: dict) -> dict:

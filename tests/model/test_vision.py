@@ -270,6 +270,7 @@ def _te_case(ref: dict, tiny) -> dict:
 
 
 @pytest.mark.gpu
+@pytest.mark.te
 def test_te_backend_thd_packed_matches_local_and_separate_bf16(hf_reference, tiny, distributed):
     (result,) = distributed(_te_case, world_size=1, tp=1, args=(hf_reference, tiny))
     print(result)

@@ -34,6 +34,7 @@ def _train(tmp_path: Path, nproc: int, overrides: list[str]) -> str:
 
 
 @pytest.mark.gpu
+@pytest.mark.te
 def test_4b_shapes_fp8_log_tflops_and_mfu(tiny, tmp_path):
     # The tiny tokenizer's special-token ids, so that its placeholders are the model's.
     overrides = [
