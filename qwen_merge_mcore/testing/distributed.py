@@ -26,7 +26,7 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, world_size: int, port: int, parallel: ParallelConfig, fn: Callable, args: tuple,
-            queue) -> None:
+            queue, backend: str) -> None:
     import torch
 
     from .. import distributed
@@ -35,7 +35,7 @@ def _worker(rank: int, world_size: int, port: int, parallel: ParallelConfig, fn:
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)  # N ranks share the machine's cores
     try:
-        distributed.initialize(parallel, backend="gloo", timeout_minutes=5)
+        distributed.initialize(parallel, backend=backend, timeout_minutes=5)
         # Plain pickle copies tensor data; the queue's own pickler would pass tensors as shared
         # file descriptors, which break when this rank exits before the parent reads them.
         queue.put((rank, True, pickle.dumps(fn(*args))))
@@ -49,13 +49,14 @@ def _worker(rank: int, world_size: int, port: int, parallel: ParallelConfig, fn:
 
 
 def run_distributed(fn: Callable, world_size: int = 2, tp: int = 1, pp: int = 1, vpp: int | None = None,
-                    args: tuple = (), timeout: float = 600) -> list[Any]:
+                    args: tuple = (), timeout: float = 600, backend: str = "gloo") -> list[Any]:
+    """`backend="nccl"` runs the ranks on GPUs (one each), for the GPU engine's tests."""
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                               virtual_pipeline_model_parallel_size=vpp)
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, parallel, fn, args, queue))
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, parallel, fn, args, queue, backend))
              for r in range(world_size)]
     for p in procs:
         p.start()

@@ -6,7 +6,7 @@ with `freeze(model, parts)`; tests may pass another builder with the same interf
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import torch
@@ -14,6 +14,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from ..config import ExperimentConfig
+from .engine import select_engine
 
 PARTS = {"vision": "vision_model.", "projector": "projector.", "language": "language_model."}
 
@@ -32,6 +33,8 @@ def default_builder() -> ModelBuilder:
 
 def build_chunks(cfg: ExperimentConfig, builder: Optional[ModelBuilder] = None) -> list[torch.nn.Module]:
     builder = builder or default_builder()
+    # The chunks are built for the engine that will train them (GPU: DDP's main_grad buffers).
+    cfg = replace(cfg, train=replace(cfg.train, engine=select_engine(cfg)))
     vpp = cfg.parallel.virtual_pipeline_model_parallel_size or 1
     chunks = []
     for vp_stage in range(vpp):

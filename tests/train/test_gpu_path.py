@@ -1,0 +1,128 @@
+"""The GPU path's rules that run on CPU: one data iterator per virtual pipeline stage, DDP's
+gradient invariant held by the CPU engine, the param sync before a save, the engine and layout
+refusals, the packed rotary path, the MFU peak."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from qwen_merge_mcore.config import ConfigError, ParallelConfig, config_from_dict
+
+from . import gpu_path_cases as cases
+from .helpers import tiny_config
+
+
+@pytest.fixture(scope="module")
+def results(distributed, tmp_path_factory):
+    # vpp=1 with PP=1: Megatron's parallel_state refused it before the config treated 1 as none.
+    (out,) = distributed(cases.cpu_cases, world_size=1, vpp=1, args=(str(tmp_path_factory.mktemp("gpu_path")),))
+    return out
+
+
+def test_each_virtual_stage_reads_every_microbatch_in_order():
+    from megatron.core.pipeline_parallel.schedules import get_schedule_table
+
+    from qwen_merge_mcore.training.gpu_engine import chunk_iterators
+
+    consumed = []
+    stream = (consumed.append(i) or i for i in itertools.count())
+    chunks, microbatches = 3, 8
+    iterators = chunk_iterators(stream, chunks)
+    seen = {c: [] for c in range(chunks)}
+    # The interleaved schedule's forward order: next() on chunk c's iterator once per forward of c.
+    for _, chunk in get_schedule_table(microbatches, chunks, microbatch_group_size_per_vp_stage=2):
+        seen[chunk].append(next(iterators[chunk]))
+    assert all(seen[c] == list(range(microbatches)) for c in range(chunks)), seen
+    assert consumed == list(range(microbatches))  # one step consumes M micro-batches, not chunks x M
+    single = iter([])
+    assert chunk_iterators(single, 1) is single
+
+
+def test_cpu_engine_holds_ddp_invariant_with_text_only_last_microbatch(results):
+    r = results["ddp"]
+    assert not r["skipped"] and r["projector_grads"] and r["loss"] > 0
+    # Without the model's zero-weighted encoder pass the CPU engine refuses the step, naming the
+    # parameters, as Megatron-Core DDP would stop (it used to zero-fill their gradients).
+    assert r["refused"] is not None and "got no gradient in the last micro-batch" in r["refused"], r
+    assert "projector.linear_fc1.weight" in r["refused"]
+
+
+def test_params_are_synced_before_a_save_reads_them(results):
+    assert results["save_order"] == ["sync params", "read weights", "write"]
+
+
+def test_packed_forwards_rotate_once_per_tensor(results):
+    r = results["rope"]
+    assert r["images"] and r["per_segment_calls"] == 0
+    assert r["thd_vs_sbhd"] < 1e-5  # float32; same rotation, different attention layout
+
+
+def test_engine_refusals(monkeypatch):
+    from qwen_merge_mcore.training.engine import select_engine
+
+    assert select_engine(tiny_config()) == "cpu"
+    with pytest.raises(ConfigError, match="the CPU engine trains in fp32"):
+        select_engine(tiny_config(precision={"params_dtype": "bf16"}))
+    with pytest.raises(ConfigError, match="gpu needs CUDA"):
+        select_engine(tiny_config(train={"engine": "gpu"}))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert select_engine(tiny_config(precision={"params_dtype": "bf16"}, train={"engine": "auto"})) == "gpu"
+    with pytest.raises(ConfigError, match="fp16 is not supported by the GPU engine") as err:
+        select_engine(tiny_config(precision={"params_dtype": "fp16"}, train={"engine": "gpu"}))
+    assert err.value.key == "precision.params_dtype"
+
+
+def test_layouts_that_are_not_implemented_are_refused():
+    raw = {"model": {"preset": "tiny"}, "train": {"train_iters": 1}}
+    with pytest.raises(ConfigError, match="context parallelism is not implemented") as err:
+        config_from_dict({**raw, "parallel": {"context_parallel_size": 2}})
+    assert err.value.key == "parallel.context_parallel_size"
+    # One virtual stage is no interleaving: Megatron-Core takes only None for that.
+    cfg = config_from_dict({**raw, "parallel": {"pipeline_model_parallel_size": 2,
+                                                "virtual_pipeline_model_parallel_size": 1}})
+    assert cfg.parallel.virtual_pipeline_model_parallel_size is None
+    assert ParallelConfig(virtual_pipeline_model_parallel_size=1).virtual_pipeline_model_parallel_size is None
+    assert config_from_dict({**raw, "parallel": {"virtual_pipeline_model_parallel_size": 1}}).parallel.model_parallel_size == 1
+    with pytest.raises(ConfigError, match="need pipeline_model_parallel_size > 1"):
+        config_from_dict({**raw, "parallel": {"virtual_pipeline_model_parallel_size": 2}})
+
+
+def test_wgrad_fusion_only_for_the_gpu_engine(monkeypatch):
+    from qwen_merge_mcore.models import language_config
+
+    monkeypatch.setattr(language_config, "_wgrad_fusion_available", lambda: True)
+    lang = tiny_config().model.language
+    for engine, fused in (("gpu", True), ("auto", False), ("cpu", False)):
+        config = language_config.language_transformer_config(
+            lang, ParallelConfig(), tiny_config().precision, tiny_config(train={"engine": engine}).train)
+        assert config.gradient_accumulation_fusion is fused, engine
+    monkeypatch.setattr(language_config, "_wgrad_fusion_available", lambda: False)
+    config = language_config.language_transformer_config(lang, ParallelConfig(), tiny_config().precision,
+                                                         tiny_config(train={"engine": "gpu"}).train)
+    assert not config.gradient_accumulation_fusion  # Megatron's own linears need APEX's kernel
+
+
+@pytest.mark.parametrize("name, key", [("NVIDIA H100 80GB HBM3", "h100-80gb"), ("NVIDIA H200", "h200-141gb"),
+                                       ("NVIDIA H100 PCIe", None), ("NVIDIA H100 NVL", None),
+                                       ("NVIDIA H200 NVL", None), ("NVIDIA GH200 480GB", None)])
+def test_gpu_peak_by_device_name(name, key):
+    from qwen_merge_mcore.perf.hardware import gpu_spec_for_device
+
+    spec = gpu_spec_for_device(name)
+    assert (spec.name if spec else None) == key
+
+
+def test_mfu_peak_is_fp8_only_when_the_model_runs_fp8():
+    from qwen_merge_mcore.training.observability import peak_tflops
+
+    cfg = config_from_dict({"model": {"preset": "tiny"}, "train": {"train_iters": 1},
+                            "precision": {"fp8": "hybrid"}}, check_runtime=False)
+    assert peak_tflops(cfg, "NVIDIA H100 80GB HBM3", fp8_model=False) == pytest.approx(989.4)
+    assert peak_tflops(cfg, "NVIDIA H100 80GB HBM3", fp8_model=True) == pytest.approx(1978.9)
+    assert peak_tflops(cfg, "NVIDIA H100 PCIe", fp8_model=False) is None
+    assert peak_tflops(cfg, None, fp8_model=False) is None
+    cfg.logging.peak_tflops = 500.0
+    assert peak_tflops(cfg, "NVIDIA H100 PCIe", fp8_model=True) == 500.0
