@@ -223,3 +223,21 @@ def gpu_resume_case(root: str) -> dict:
 
 def gpu_cases(root: str) -> dict:
     return {"step": gpu_engine_step(root), "resume": gpu_resume_case(root)}
+
+
+def kept_samples_case() -> list:
+    """The first pipeline stage's per-bin drops reach the later stage (PP=2 on gloo)."""
+    from megatron.core import parallel_state
+
+    from qwen_merge_mcore.training.pipeline_media import PipelineKeptSamples
+
+    channel = PipelineKeptSamples()
+    bins = [[None, "bad_image", None], [None], ["bad_video", None]]
+    if parallel_state.is_pipeline_first_stage():
+        for dropped in bins:
+            channel.publish(dropped)
+        torch.distributed.barrier()
+        return bins
+    received = [channel.receive(len(dropped)) for dropped in bins]
+    torch.distributed.barrier()
+    return received

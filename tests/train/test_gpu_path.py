@@ -126,3 +126,58 @@ def test_mfu_peak_is_fp8_only_when_the_model_runs_fp8():
     assert peak_tflops(cfg, None, fp8_model=False) is None
     cfg.logging.peak_tflops = 500.0
     assert peak_tflops(cfg, "NVIDIA H100 PCIe", fp8_model=True) == 500.0
+
+
+def test_later_pipeline_stages_skip_decoding_and_pack_what_the_first_kept(tiny, tmp_path):
+    """Two iterators over one stream: the decoding one (first pipeline stage) drops the samples
+    whose images fail to decode and tells the other, which decodes nothing and packs the same
+    sequences."""
+    import collections
+
+    from transformers import AutoTokenizer
+
+    from qwen_merge_mcore.config.schema import DataConfig, DatasetConfig
+    from qwen_merge_mcore.data import build_train_iterator
+    from qwen_merge_mcore.fixtures.tiny import tiny_model_config
+    from qwen_merge_mcore.testing.media import make_image, write_rows
+
+    class Relay:  # the loader's KeptSamples, in one process
+        def __init__(self):
+            self.bins = collections.deque()
+
+        def publish(self, dropped):
+            self.bins.append(list(dropped))
+
+        def receive(self, count):
+            dropped = self.bins.popleft()
+            assert len(dropped) == count
+            return dropped
+
+    good = make_image(60, 90, "JPEG")
+    (tmp_path / "good.jpg").write_bytes(good)
+    (tmp_path / "truncated.jpg").write_bytes(good[:len(good) // 2])  # a valid header: fails only at decode
+    rows = [{"id": f"r{i}", "image": "truncated.jpg" if i in (3, 8) else "good.jpg",
+             "conversations": [{"from": "human", "value": f"<image>\nCount {i}."},
+                               {"from": "gpt", "value": "There are " + " ".join(["apples"] * (i % 5 + 1)) + "."}]}
+            for i in range(12)]
+    data = DataConfig(datasets=[DatasetConfig(path=write_rows(tmp_path / "rows.jsonl", rows))], seq_length=256,
+                      max_pixels=112 * 112, max_bad_fraction=0.5)
+    tokenizer, model = AutoTokenizer.from_pretrained(tiny["qwen3"]), tiny_model_config()
+    relay = Relay()
+    first = build_train_iterator(data, model, tokenizer, seed=1, window=16, kept_samples=relay)
+    later = build_train_iterator(data, model, tokenizer, seed=1, window=16, decode_media=False, kept_samples=relay)
+    decoded = [next(first) for _ in range(4)]
+    packed = [next(later) for _ in range(4)]
+    assert first.bad.counts == later.bad.counts and first.bad.counts["bad_image"] >= 2
+    for a, b in zip(decoded, packed):
+        assert a.images is not None and b.images is None and b.videos is None
+        for field in ("tokens", "labels", "loss_mask", "position_ids", "cu_seqlens"):
+            assert torch.equal(getattr(a, field), getattr(b, field)), field
+    assert not hasattr(later, "images")  # no DALI pipelines built where nothing is decoded
+    with pytest.raises(ValueError, match="decode_media=False needs kept_samples"):
+        build_train_iterator(data, model, tokenizer, decode_media=False)
+
+
+def test_pipeline_stages_exchange_dropped_samples(distributed):
+    first, later = distributed(cases.kept_samples_case, world_size=2, pp=2)
+    assert later == first
