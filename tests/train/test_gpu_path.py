@@ -155,8 +155,11 @@ def test_later_pipeline_stages_skip_decoding_and_pack_what_the_first_kept(tiny, 
 
     good = make_image(60, 90, "JPEG")
     (tmp_path / "good.jpg").write_bytes(good)
-    (tmp_path / "truncated.jpg").write_bytes(good[:len(good) // 2])  # a valid header: fails only at decode
-    rows = [{"id": f"r{i}", "image": "truncated.jpg" if i in (3, 8) else "good.jpg",
+    broken = bytearray(good)  # a complete file with a corrupt Huffman table: it fails only at decode
+    dht = broken.find(b"\xff\xc4")
+    broken[dht + 5:dht + 21] = b"\xff" * 16
+    (tmp_path / "undecodable.jpg").write_bytes(bytes(broken))
+    rows = [{"id": f"r{i}", "image": "undecodable.jpg" if i in (3, 8) else "good.jpg",
              "conversations": [{"from": "human", "value": f"<image>\nCount {i}."},
                                {"from": "gpt", "value": "There are " + " ".join(["apples"] * (i % 5 + 1)) + "."}]}
             for i in range(12)]
