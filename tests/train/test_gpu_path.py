@@ -184,3 +184,18 @@ def test_later_pipeline_stages_skip_decoding_and_pack_what_the_first_kept(tiny, 
 def test_pipeline_stages_exchange_dropped_samples(distributed):
     first, later = distributed(cases.kept_samples_case, world_size=2, pp=2)
     assert later == first
+
+
+def test_transformer_engine_pin_is_the_range_megatron_core_supports():
+    import importlib.metadata
+    import re
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+
+    ours = re.search(r'"transformer-engine\[pytorch\]([^"]+)"',
+                     (Path(__file__).resolve().parents[2] / "setup.py").read_text()).group(1)
+    theirs = next(Requirement(r) for r in importlib.metadata.requires("megatron-core")
+                  if r.startswith("transformer-engine"))
+    for version in ("2.0.0", "2.8.1", "2.9.0", "2.10.0", "2.11.3", "2.12.0"):
+        assert theirs.specifier.contains(version) == (version in Requirement(f"te{ours}").specifier), version
