@@ -71,7 +71,8 @@ class GPUEngine:
         opt_config = OptimizerConfig(
             optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay, adam_beta1=t.adam_beta1,
             adam_beta2=t.adam_beta2, adam_eps=t.adam_eps, clip_grad=t.clip_grad, bf16=p.params_dtype == "bf16",
-            fp16=p.params_dtype == "fp16", params_dtype=DTYPES[p.params_dtype], use_distributed_optimizer=True, overlap_param_gather=True)
+            fp16=p.params_dtype == "fp16", params_dtype=DTYPES[p.params_dtype], use_distributed_optimizer=True,
+            overlap_param_gather=True)
         self.optimizer = get_megatron_optimizer(opt_config, self.models)
         # As Megatron-LM sets it: the schedules scale each micro-batch's loss before backward
         # (x1 in bf16/fp32; the dynamic loss scale in fp16, unscaled again by prepare_grads).

@@ -182,7 +182,8 @@ def gpu_engine_step(root: str) -> dict:
                Path(root) / "init.pt")
     engine = GPUEngine(cfg, chunks)
     config = chunks[0].config
-    hooks = {"param_sync_func": config.param_sync_func, "align_param_gather": engine.models[0].ddp_config.align_param_gather,
+    hooks = {"param_sync_func": config.param_sync_func,
+             "align_param_gather": engine.models[0].ddp_config.align_param_gather,
              "grad_scale_func": config.grad_scale_func == engine.optimizer.scale_loss}
     result = engine.train_step(iter(_step_batches(cfg)), 3)
     engine.sync_params()

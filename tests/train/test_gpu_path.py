@@ -85,7 +85,8 @@ def test_layouts_that_are_not_implemented_are_refused():
                                                 "virtual_pipeline_model_parallel_size": 1}})
     assert cfg.parallel.virtual_pipeline_model_parallel_size is None
     assert ParallelConfig(virtual_pipeline_model_parallel_size=1).virtual_pipeline_model_parallel_size is None
-    assert config_from_dict({**raw, "parallel": {"virtual_pipeline_model_parallel_size": 1}}).parallel.model_parallel_size == 1
+    cfg = config_from_dict({**raw, "parallel": {"virtual_pipeline_model_parallel_size": 1}})
+    assert cfg.parallel.virtual_pipeline_model_parallel_size is None
     with pytest.raises(ConfigError, match="need pipeline_model_parallel_size > 1"):
         config_from_dict({**raw, "parallel": {"virtual_pipeline_model_parallel_size": 2}})
 
