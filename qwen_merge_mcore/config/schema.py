@@ -176,9 +176,6 @@ class ParallelConfig:
     def validate(self, prefix: str = "parallel") -> None:
         _positive(self, prefix, "tensor_model_parallel_size", "pipeline_model_parallel_size",
                   "context_parallel_size")
-        _require(self.context_parallel_size == 1, f"{prefix}.context_parallel_size",
-                 f"context parallelism is not implemented (nothing splits a packed sequence's tokens per CP "
-                 f"rank or reduces the loss over CP); got {self.context_parallel_size}, use 1")
         vpp = self.virtual_pipeline_model_parallel_size
         if vpp is not None:
             _require(vpp >= 1, f"{prefix}.virtual_pipeline_model_parallel_size", f"must be >= 1, got {vpp}")
@@ -368,6 +365,10 @@ class ExperimentConfig:
         for section in ("model", "parallel", "precision", "train", "data", "checkpoint", "logging"):
             getattr(self, section).validate()
         validate_layout(self.model, self.parallel)
+        # The planner models CP layouts (its references use them); training does not run them.
+        _require(self.parallel.context_parallel_size == 1, "parallel.context_parallel_size",
+                 f"context parallelism is not implemented (nothing splits a packed sequence's tokens per CP "
+                 f"rank or reduces the loss over CP); got {self.parallel.context_parallel_size}, use 1")
         if self.precision.fp8 is not None:
             _require(self.model.backend != "local", "precision.fp8",
                      "FP8 needs the Transformer Engine backend, but model.backend is 'local'")
