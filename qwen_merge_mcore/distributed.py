@@ -91,12 +91,12 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, world_size: int, port: int, parallel: ParallelConfig, collective_timeout_minutes: int,
-            fn: Callable, args: tuple, queue) -> None:
+            backend: str, fn: Callable, args: tuple, queue) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)  # N ranks share the machine's cores
     try:
-        initialize(parallel, backend="gloo", timeout_minutes=collective_timeout_minutes)
+        initialize(parallel, backend=backend, timeout_minutes=collective_timeout_minutes)
         # Plain pickle copies tensor data; the queue's own pickler would pass tensors as shared
         # file descriptors, which break when this rank exits before the parent reads them.
         queue.put((rank, True, pickle.dumps(fn(*args))))
@@ -110,8 +110,10 @@ def _worker(rank: int, world_size: int, port: int, parallel: ParallelConfig, col
 
 
 def run_distributed(fn: Callable, world_size: int = 2, tp: int = 1, pp: int = 1, vpp: Optional[int] = None,
-                    args: tuple = (), timeout: float = 600, collective_timeout_minutes: int = 5) -> list[Any]:
-    """`fn(*args)` on `world_size` spawned CPU processes (gloo) with Megatron's parallel state.
+                    args: tuple = (), timeout: float = 600, collective_timeout_minutes: int = 5,
+                    backend: str = "gloo") -> list[Any]:
+    """`fn(*args)` on `world_size` spawned CPU processes (gloo) with Megatron's parallel state;
+    `backend="nccl"` runs the ranks on GPUs (one each), for the GPU engine's tests.
 
     `timeout`: seconds to wait for all results. `collective_timeout_minutes`: how long a rank waits
     in one collective for the others; a converter's ranks meet at the end of writing their shards,
@@ -122,8 +124,8 @@ def run_distributed(fn: Callable, world_size: int = 2, tp: int = 1, pp: int = 1,
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, parallel, collective_timeout_minutes, fn, args,
-                                               queue))
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, parallel, collective_timeout_minutes, backend, fn,
+                                               args, queue))
              for r in range(world_size)]
     for p in procs:
         p.start()

@@ -62,6 +62,14 @@ def check_machine(cfg: ExperimentConfig) -> None:
     if cfg.precision.fp8 is not None and not te_available():
         raise ConfigError("precision.fp8", f"FP8 ({cfg.precision.fp8}) needs Transformer Engine, which is "
                           "not importable on this machine (install the `gpu` extra on a CUDA machine)")
+    if cfg.precision.fp8 is not None:
+        import torch
+
+        from ..fp8_alignment import fp8_unsupported
+
+        reason = fp8_unsupported(cfg.precision.fp8_recipe, torch.cuda.get_device_capability(), torch.version.cuda)
+        if reason:
+            raise ConfigError("precision.fp8_recipe", reason)
     if cfg.model.backend == "te" and not te_available():
         raise ConfigError("model.backend", "'te' needs Transformer Engine, which is not importable here; "
                           "use 'local' or 'auto'")

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional, get_args
 
+from ..fp8_alignment import fp8_sequence_multiple, fp8_token_alignment
 from .errors import ConfigError
 
 # The parts of the model that `train.freeze` names (models/qwen_merge.py maps them to modules).
@@ -168,14 +169,19 @@ class ParallelConfig:
     # None spreads the layers evenly.
     first_stage_layers: Optional[int] = None
 
+    def __post_init__(self):
+        # One virtual stage per pipeline stage is no interleaving. Megatron-Core takes only None
+        # for that: given 1, parallel_state refuses PP=1 and expects a vp_stage for every chunk.
+        if self.virtual_pipeline_model_parallel_size == 1:
+            self.virtual_pipeline_model_parallel_size = None
+
     def validate(self, prefix: str = "parallel") -> None:
         _positive(self, prefix, "tensor_model_parallel_size", "pipeline_model_parallel_size",
                   "context_parallel_size")
         vpp = self.virtual_pipeline_model_parallel_size
         if vpp is not None:
             _require(vpp >= 1, f"{prefix}.virtual_pipeline_model_parallel_size", f"must be >= 1, got {vpp}")
-            _require(self.pipeline_model_parallel_size > 1 or vpp == 1,
-                     f"{prefix}.virtual_pipeline_model_parallel_size",
+            _require(self.pipeline_model_parallel_size > 1, f"{prefix}.virtual_pipeline_model_parallel_size",
                      "virtual pipeline stages need pipeline_model_parallel_size > 1")
         if self.sequence_parallel:
             _require(self.tensor_model_parallel_size > 1, f"{prefix}.sequence_parallel",
@@ -185,7 +191,7 @@ class ParallelConfig:
                      "only meaningful with pipeline_model_parallel_size > 1")
             _require(self.first_stage_layers >= 1, f"{prefix}.first_stage_layers",
                      "must be >= 1 (Megatron needs a decoder layer on every stage)")
-            _require(vpp in (None, 1), f"{prefix}.first_stage_layers",
+            _require(vpp is None, f"{prefix}.first_stage_layers",
                      "an uneven first stage cannot be combined with virtual pipeline stages")
 
     @property
@@ -293,7 +299,8 @@ class DataConfig:
     template: Literal["pretrain", "qwen3"] = "qwen3"
     tokenizer: Optional[str] = None  # folder with the tokenizer; default: the model checkpoint's
     seq_length: int = 8096
-    pad_to_multiple_of: int = 16  # FP8 needs token counts divisible by 16
+    # Packed sequences are padded to a multiple of this; FP8 needs one (checked per recipe and TP)
+    pad_to_multiple_of: int = 16
     min_pixels: int = 3136
     max_pixels: int = 262144
     video_fps: float = 2.0
@@ -360,9 +367,20 @@ class ExperimentConfig:
         for section in ("model", "parallel", "precision", "train", "data", "checkpoint", "logging"):
             getattr(self, section).validate()
         validate_layout(self.model, self.parallel)
+        # The planner models CP layouts (its references use them); training does not run them.
+        _require(self.parallel.context_parallel_size == 1, "parallel.context_parallel_size",
+                 f"context parallelism is not implemented (nothing splits a packed sequence's tokens per CP "
+                 f"rank or reduces the loss over CP); got {self.parallel.context_parallel_size}, use 1")
         if self.precision.fp8 is not None:
             _require(self.model.backend != "local", "precision.fp8",
                      "FP8 needs the Transformer Engine backend, but model.backend is 'local'")
+            par, recipe = self.parallel, self.precision.fp8_recipe
+            multiple = fp8_sequence_multiple(recipe, par.tensor_model_parallel_size, par.sequence_parallel)
+            split = f" x TP {par.tensor_model_parallel_size} (sequence parallel)" if par.sequence_parallel else ""
+            _require(self.data.pad_to_multiple_of % multiple == 0, "data.pad_to_multiple_of",
+                     f"{self.data.pad_to_multiple_of} is not a multiple of {multiple}: {recipe} FP8 needs "
+                     f"{fp8_token_alignment(recipe, par.sequence_parallel)} tokens per rank{split}; set "
+                     f"data.pad_to_multiple_of={multiple}")
 
 
 def validate_layout(model: ModelConfig, parallel: ParallelConfig) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Protocol
 
 import numpy as np
 import torch
@@ -31,6 +31,15 @@ from .vision import ImageProcessor, VisionSpec, image_size
 STATE_VERSION = 1
 
 
+class KeptSamples(Protocol):
+    """How the pipeline stages reading one stream agree on each bin's samples when only the
+    first decodes media: per sample of the bin, None (kept) or the reason it was dropped."""
+
+    def publish(self, dropped: list[Optional[str]]) -> None: ...  # the decoding stage
+
+    def receive(self, count: int) -> list[Optional[str]]: ...  # the stages that do not decode
+
+
 @dataclass
 class _Dataset:
     name: str
@@ -47,9 +56,13 @@ class TrainIterator:
 
     def __init__(self, data_cfg, model_cfg, tokenizer, dp_rank: int = 0, dp_size: int = 1,
                  micro_batch_tokens: Optional[int] = None, seed: int = 0, device_id: Optional[int] = None,
-                 window: int = 512, pad_to_full: bool = False):
+                 window: int = 512, pad_to_full: bool = False, decode_media: bool = True,
+                 kept_samples: Optional["KeptSamples"] = None):
         if not data_cfg.datasets:
             raise ValueError("data.datasets is empty")
+        if not decode_media and kept_samples is None:
+            raise ValueError("decode_media=False needs kept_samples: the decoding stage's dropped samples")
+        self.decode_media, self.kept_samples = decode_media, kept_samples
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank {dp_rank} outside 0..{dp_size - 1}")
         self.cfg, self.model_cfg = data_cfg, model_cfg
@@ -70,8 +83,9 @@ class TrainIterator:
         if len(self.mixture) == 0:
             raise ValueError("the data mix has no samples")
         threads = max(1, data_cfg.num_workers)  # DALI's CPU worker threads
-        self.images = ImageProcessor(self.spec, device_id, num_threads=threads)
-        self.videos = VideoProcessor(self.spec, device_id, num_threads=threads)
+        if decode_media:
+            self.images = ImageProcessor(self.spec, device_id, num_threads=threads)
+            self.videos = VideoProcessor(self.spec, device_id, num_threads=threads)
         self.bad = BadSampleCounter(data_cfg.max_bad_fraction)
         self.pass_index, self.window_index, self.bins_done = 0, 0, 0
         self._order: Optional[np.ndarray] = None
@@ -170,8 +184,18 @@ class TrainIterator:
     # -- one packed sequence ------------------------------------------------------------------
     def _collate(self, samples: list[PackedSample]) -> Optional[Batch]:
         """Decode the bin's media (all its images in one DALI batch); a sample whose media fail is
-        dropped from the bin and counted."""
+        dropped from the bin and counted. Without `decode_media` (pipeline stages after the first
+        never see pixels) the bin drops what the decoding stage dropped, as `kept_samples` tells,
+        so that every stage packs the same sequence."""
+        if not self.decode_media:
+            reasons = self.kept_samples.receive(len(samples))
+            for s, reason in zip(samples, reasons):
+                if reason is not None:
+                    self.bad.skip(s.row_id, BadSample(reason, "its media failed on the decoding pipeline stage"),
+                                  already_seen=True)
+            return self._pack([s for s, reason in zip(samples, reasons) if reason is None], None, None)
         kept = list(samples)
+        dropped: dict[int, tuple[str, BadSample]] = {}  # id(sample) -> (row id, why), in the order found
         while True:
             owner = [k for k, s in enumerate(kept) for _ in s.images]
             try:
@@ -179,7 +203,7 @@ class TrainIterator:
                 break
             except BadSample as err:
                 bad = kept.pop(owner[err.index] if err.index is not None else 0)
-                self.bad.skip(bad.row_id, err, already_seen=True)
+                dropped[id(bad)] = (bad.row_id, err)
         pixels, grids, vpixels, vgrids, usable = [], [], [], [], []
         for k, s in enumerate(kept):
             mine = [d for d, o in zip(done, owner) if o == k]
@@ -189,18 +213,24 @@ class TrainIterator:
                                     f"header grids {s.image_grids}")
                 vids = [self.videos(v) for v in s.videos]
             except BadSample as err:
-                self.bad.skip(s.row_id, err, already_seen=True)
+                dropped[id(s)] = (s.row_id, err)
                 continue
             usable.append(s)
             pixels += [d.pixel_values for d in mine]
             grids += s.image_grids
             vpixels += [v.pixel_values for v in vids]
             vgrids += [v.grid_thw for v in vids]
+        if self.kept_samples is not None:  # before counting, which may stop the run
+            self.kept_samples.publish([dropped[id(s)][1].reason if id(s) in dropped else None for s in samples])
+        for row_id, err in dropped.values():
+            self.bad.skip(row_id, err, already_seen=True)
+        return self._pack(usable, _vision(pixels, grids), _vision(vpixels, vgrids))
+
+    def _pack(self, usable: list[PackedSample], images, videos) -> Optional[Batch]:
         if not usable:
             return None
         self.last_row_ids = [s.row_id for s in usable]
-        return collate_packed(usable, self.pad_id, self.cfg.pad_to_multiple_of, self.pad_to,
-                              _vision(pixels, grids), _vision(vpixels, vgrids))
+        return collate_packed(usable, self.pad_id, self.cfg.pad_to_multiple_of, self.pad_to, images, videos)
 
     # -- checkpointing ------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -1,7 +1,8 @@
-"""Core attention on torch `scaled_dot_product_attention`, for the `local` layer spec.
+"""Attention pieces: core attention on torch `scaled_dot_product_attention` for the `local`
+layer spec, and a SelfAttention that rotates packed sequences once per tensor (both specs).
 
-A drop-in for Megatron-Core's `DotProductAttention` (which allocates on CUDA) with the same
-constructor and forward. It also understands packed sequences: `packed_seq_params.cu_seqlens_q`
+`SDPACoreAttention` is a drop-in for Megatron-Core's `DotProductAttention` (which allocates on
+CUDA) with the same constructor and forward. It also understands packed sequences: `packed_seq_params.cu_seqlens_q`
 splits the tokens into independent sequences (a block-diagonal mask), which is how the ViT runs
 window attention and full attention over many images, and how the decoder runs packed samples.
 """
@@ -12,6 +13,8 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -74,3 +77,42 @@ def block_diagonal_mask(cu_seqlens: torch.Tensor, total: int, causal: bool, devi
     if causal:
         mask &= torch.ones(total, total, dtype=torch.bool, device=device).tril()
     return mask
+
+
+class TokenRotarySelfAttention(SelfAttention):
+    """Megatron-Core's SelfAttention, rotating packed (THD) queries and keys in one call.
+
+    Given THD, Megatron's rope splits q and k per packed segment and reads each segment's start
+    with `.item()` (rope_utils `_apply_rotary_pos_emb_thd`, "CASE 1": angles for every token): a
+    host sync per segment, for q and k, in every layer, and the ViT's window attention has one
+    segment per window. The angles here hold one row per token (MRoPE positions, the ViT's 2D
+    positions), so that equals one rotation of the whole packed tensor with the same function
+    Megatron ends in, done here once per tensor. Other inputs take Megatron's path unchanged.
+    """
+
+    def forward(self, hidden_states, *args, rotary_pos_emb=None, packed_seq_params=None, **kwargs):
+        tokens = hidden_states.size(0) * (self.config.tensor_model_parallel_size
+                                          if self.config.sequence_parallel else 1)
+        per_token = (rotary_pos_emb is not None and not isinstance(rotary_pos_emb, tuple)
+                     and packed_seq_params is not None and packed_seq_params.qkv_format == "thd"
+                     and rotary_pos_emb.size(0) == tokens)
+        if not per_token:
+            return super().forward(hidden_states, *args, rotary_pos_emb=rotary_pos_emb,
+                                   packed_seq_params=packed_seq_params, **kwargs)
+        self._token_angles = rotary_pos_emb
+        try:
+            return super().forward(hidden_states, *args, rotary_pos_emb=None, packed_seq_params=packed_seq_params,
+                                   **kwargs)
+        finally:
+            self._token_angles = None
+
+    def get_query_key_value_tensors(self, *args, **kwargs):
+        out = super().get_query_key_value_tensors(*args, **kwargs)
+        angles = getattr(self, "_token_angles", None)
+        if angles is None:
+            return out
+        query, key, *rest = out  # [s, b=1, heads, d]: the THD squeeze comes later
+        cp = self.pg_collection.cp
+        query = apply_rotary_pos_emb(query, angles, config=self.config, cp_group=cp)
+        key = apply_rotary_pos_emb(key, angles, config=self.config, cp_group=cp)
+        return (query, key, *rest)

@@ -6,10 +6,10 @@ built from `config.fp8_recipe`), around the whole block for delayed scaling and 
 other recipes, where `first_last_layers_bf16` keeps the first/last layers out of FP8. This module
 only fills those fields and decides when a shape cannot run FP8.
 
-FP8 GEMMs need every GEMM dimension aligned to 16: the hidden and FFN widths are checked once
-at build time (the whole decoder then runs bf16, one warning), the token count of every forward
-(padded to 16 by the data pipeline for packed batches) at run time (that forward runs bf16, one
-warning). Never a crash.
+Transformer Engine's alignment rules per recipe are in `qwen_merge_mcore/fp8_alignment.py`
+(the config checks the packing against them). Widths are checked once at build time (the module
+then trains in bf16, one warning); each forward's token count on this rank at run time (that
+forward runs bf16, one warning). Never a crash.
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ import contextlib
 import warnings
 from typing import Iterator, Optional
 
-from ..config import PrecisionConfig
+import torch
 
-FP8_ALIGNMENT = 16
+from ..config import PrecisionConfig
+from ..fp8_alignment import fp8_token_alignment, fp8_width_alignment
 
 _warned: set[str] = set()
 
@@ -40,10 +41,11 @@ def fp8_config_kwargs(precision: PrecisionConfig, *, num_layers: int, pipeline_s
     """
     if precision.fp8 is None or not enabled:
         return {}
-    bad = {name: width for name, width in widths.items() if width % FP8_ALIGNMENT}
+    align = fp8_width_alignment(precision.fp8_recipe)
+    bad = {name: width for name, width in widths.items() if width % align}
     if bad:
-        _warn_once(f"widths:{sorted(bad.items())}", f"FP8 needs GEMM widths divisible by {FP8_ALIGNMENT}; "
-                   f"{bad} are not, so this module trains in bf16")
+        _warn_once(f"widths:{sorted(bad.items())}", f"FP8 ({precision.fp8_recipe}) needs GEMM widths divisible "
+                   f"by {align}; {bad} are not, so this module trains in bf16")
         return {}
     kwargs = dict(fp8=precision.fp8, fp8_recipe=precision.fp8_recipe, fp8_margin=precision.fp8_margin,
                   fp8_amax_history_len=precision.fp8_amax_history_len,
@@ -65,16 +67,47 @@ def fp8_config_kwargs(precision: PrecisionConfig, *, num_layers: int, pipeline_s
     return kwargs
 
 
+def _first_microbatch_modules(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """Megatron's TE wrappers inside `module` (the modules `set_is_first_microbatch` sets)."""
+    found = getattr(module, "_qmm_first_microbatch_modules", None)
+    if found is None:
+        found = [m for m in module.modules() if hasattr(m, "is_first_microbatch")]
+        module._qmm_first_microbatch_modules = found
+    return found
+
+
 @contextlib.contextmanager
-def fp8_fallback(config, num_tokens: int) -> Iterator[None]:
-    """Run this forward in bf16 when its token count is not FP8-aligned (TransformerBlock reads
-    `config.fp8` at forward time)."""
+def fp8_fallback(module: torch.nn.Module, num_tokens: int) -> Iterator[None]:
+    """One forward of `module` (a TransformerBlock; this rank's `num_tokens`): bf16 when the
+    count is not FP8-aligned (TransformerBlock reads `config.fp8` at forward time).
+
+    Megatron's schedules set `is_first_microbatch` on a step's first micro-batch and its TE
+    wrappers clear it after every forward; TE quantises and caches the weights when it is True
+    and reuses that cache while it is False. A first micro-batch in bf16 caches nothing, so the
+    step's later FP8 forwards would run on the previous step's quantised weights: they run with
+    the flag at None (quantise afresh, cache nothing; with fused wgrad accumulation TE keeps
+    accumulating into main_grad, which True would overwrite) until the next step re-arms it.
+    """
+    config = module.config
     fp8: Optional[str] = getattr(config, "fp8", None)
-    if not fp8 or num_tokens % FP8_ALIGNMENT == 0:
+    if not fp8:
         yield
         return
-    _warn_once("tokens", f"{num_tokens} tokens per micro-batch is not a multiple of {FP8_ALIGNMENT}: "
-               "such forwards run in bf16 (pad packed batches with data.pad_to_multiple_of=16)")
+    flagged = _first_microbatch_modules(module)
+    first = any(m.is_first_microbatch for m in flagged)
+    if num_tokens % fp8_token_alignment(config.fp8_recipe, config.sequence_parallel) == 0:
+        if first:
+            module._qmm_fp8_cache_stale = False
+        elif getattr(module, "_qmm_fp8_cache_stale", False):
+            for m in flagged:
+                m.is_first_microbatch = None
+        yield
+        return
+    if first:
+        module._qmm_fp8_cache_stale = True
+    _warn_once("tokens", f"{num_tokens} tokens per rank is not a multiple of "
+               f"{fp8_token_alignment(config.fp8_recipe, config.sequence_parallel)} ({config.fp8_recipe} FP8): "
+               "such forwards run in bf16 (packed batches are padded to data.pad_to_multiple_of)")
     config.fp8 = None
     try:
         yield

@@ -137,7 +137,7 @@ class Qwen3LanguageModel(LanguageModule):
             params = packed_seq_params(cu_seqlens)
         rotary = self.rotary_pos_emb(position_ids)
         tokens = batch * seq // (self.config.tensor_model_parallel_size if self.config.sequence_parallel else 1)
-        with fp8_fallback(self.config, tokens):
+        with fp8_fallback(self.decoder, tokens):
             hidden = self.decoder(hidden_states=decoder_input, attention_mask=None, rotary_pos_emb=rotary,
                                   packed_seq_params=params)
         if not self.post_process:

@@ -6,6 +6,7 @@ dtypes, recompute, CPU-safe switches); `language_transformer_config` adds the Qw
 
 from __future__ import annotations
 
+import importlib.util
 import warnings
 from typing import Optional
 
@@ -38,7 +39,7 @@ def common_config_kwargs(parallel: ParallelConfig, precision: PrecisionConfig,
         # The fused kernels are CUDA extensions.
         use_cpu_initialization=cpu,
         bias_dropout_fusion=not cpu, masked_softmax_fusion=False, persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
+        gradient_accumulation_fusion=train is not None and train.engine == "gpu" and _wgrad_fusion_available(),
     )
     recompute = train.recompute_granularity if train is not None else None
     if recompute is not None and cpu:
@@ -52,6 +53,15 @@ def common_config_kwargs(parallel: ParallelConfig, precision: PrecisionConfig,
         kwargs.update(recompute_granularity="full", recompute_method=train.recompute_method or "uniform",
                       recompute_num_layers=train.recompute_num_layers or 1)
     return kwargs
+
+
+def _wgrad_fusion_available() -> bool:
+    """Fused weight-gradient accumulation writes each linear's weight gradient straight into the
+    main_grad buffer Megatron-Core DDP gives it (the GPU engine: `train.engine` resolved to gpu),
+    saving a gradient tensor and an add per linear. TE's linears do it natively; Megatron's own
+    (the output layer, the local spec) need APEX's fused_weight_gradient_mlp_cuda, so it is on
+    only where that imports."""
+    return cuda_available() and importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
 
 
 def language_transformer_config(lang: LanguageConfig, parallel: ParallelConfig, precision: PrecisionConfig,

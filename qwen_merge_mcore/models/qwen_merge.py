@@ -61,6 +61,8 @@ class QwenMergeModel(MegatronModule):
             for name, media, token_id in (("image", images, self.image_token_id),
                                           ("video", videos, self.video_token_id)):
                 decoder_input = self._insert(decoder_input, tokens, media, token_id, name)
+            if images is None and videos is None:
+                decoder_input = self._join_unused_encoder(decoder_input)
         return self.language_model(tokens, position_ids, decoder_input=decoder_input, labels=labels,
                                    cu_seqlens=cu_seqlens)
 
@@ -83,6 +85,27 @@ class QwenMergeModel(MegatronModule):
         batch_major = embeddings.transpose(0, 1)  # [B, S, H]
         batch_major = batch_major.masked_scatter(slots.unsqueeze(-1), features.to(embeddings.dtype))
         return batch_major.transpose(0, 1).contiguous()
+
+    def _join_unused_encoder(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """A text-only micro-batch leaves the trainable projector (and a trainable ViT) out of the
+        forward, but Megatron-Core DDP needs every trainable parameter's gradient in the last
+        micro-batch of a step (overlap_grad_reduce: param_and_grad_buffer's "Communication call
+        has not been issued") and, with overlap_param_gather, every module's forward pre-hook to
+        finish its bucket's all-gather. So the encoder runs on one all-zero merge window and its
+        output joins with weight zero: same result, zero gradients."""
+        if self.vision_model is None or not torch.is_grad_enabled():
+            return embeddings
+        vision = self.vision_model.vision
+        unit = vision.spatial_merge_size ** 2
+        if _trains(self.vision_model):
+            grid = torch.tensor([[1, vision.spatial_merge_size, vision.spatial_merge_size]], device=embeddings.device)
+            pixels = embeddings.new_zeros(unit, self.vision_model.patch_embed.in_features)
+            features = self.encode(VisionInput(pixels, grid))
+        elif _trains(self.projector):
+            features = self.projector(embeddings.new_zeros(unit, vision.hidden_size))
+        else:
+            return embeddings
+        return embeddings + 0.0 * features.sum().to(embeddings.dtype)
 
     def encode(self, media: VisionInput) -> torch.Tensor:
         """ViT + projector: [n_merged_tokens, LLM hidden]. A frozen ViT runs without autograd."""

@@ -11,14 +11,14 @@ CUDA. Checkpoints differ only in where the input norms live (see checkpoint/mapp
 from __future__ import annotations
 
 from megatron.core.models.backends import LocalSpecProvider
-from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.attention import SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
-from .attention import SDPACoreAttention
+from .attention import SDPACoreAttention, TokenRotarySelfAttention
 from .backend import resolve_backend
 
 # Megatron-Core's local GPT layer spec (get_gpt_layer_local_spec) maps the unfused norms onto the
@@ -61,7 +61,7 @@ def transformer_layer_spec(backend: str, *, qk_layernorm: bool, causal: bool) ->
         submodules=TransformerLayerSubmodules(
             input_layernorm=IdentityOp if fused else norm,
             self_attention=ModuleSpec(
-                module=SelfAttention,
+                module=TokenRotarySelfAttention,
                 params={"attn_mask_type": AttnMaskType.causal if causal else AttnMaskType.no_mask},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=qkv,

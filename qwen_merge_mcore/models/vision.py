@@ -217,7 +217,7 @@ class QwenVisionModel(MegatronModule):
         # frozen in every training stage, and selective recompute inside the layers still works.
         # FP8 contexts as in TransformerBlock.forward (no-ops unless the config enables FP8).
         delayed = self.config.fp8_recipe == Fp8Recipe.delayed
-        with fp8_fallback(self.config, n), get_fp8_context(self.config) if delayed else nullcontext():
+        with fp8_fallback(self.decoder, n), get_fp8_context(self.config) if delayed else nullcontext():
             for layer in self.decoder.layers:
                 params = full if layer.layer_number - 1 in self.fullatt else windowed
                 with nullcontext() if delayed else get_fp8_context(self.config, layer.layer_number - 1):
@@ -228,11 +228,12 @@ class QwenVisionModel(MegatronModule):
     def _packed(self, cu_seqlens: torch.Tensor) -> PackedSeqParams:
         """Block-diagonal attention over `cu_seqlens` segments with per-token rotary angles.
 
-        `thd` (te): what Transformer Engine's fused attention needs; since the angles hold one row
-        per token (angles.size(0) == cu_seqlens[-1]), Megatron's unfused THD rope gives each token
-        its own angles instead of restarting per segment. `sbhd` (local): b=1, Megatron applies the
-        angles token by token and the SDPA core attention reads the segments from cu_seqlens_q.
-        The local SDPA core attention also runs `thd`, which is how the CPU tests cover that path.
+        `thd` (te): what Transformer Engine's fused attention needs; the angles hold one row per
+        token, so the layers' TokenRotarySelfAttention rotates all windows in one call (Megatron's
+        THD rope would loop over the windows with a host sync each). `sbhd` (local): b=1, Megatron
+        applies the angles token by token and the SDPA core attention reads the segments from
+        cu_seqlens_q. The local SDPA core attention also runs `thd`, which is how the CPU tests
+        cover that path.
         """
         if self.qkv_format == "thd":
             longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())

@@ -8,7 +8,9 @@ counts those separately).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from typing import Optional
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -46,3 +48,15 @@ def gpu_spec(name: str) -> GPUSpec:
     if name not in GPUS:
         raise ValueError(f"unknown GPU {name!r}; known: {', '.join(GPUS)}")
     return GPUS[name]
+
+
+# torch.cuda.get_device_name() of the SXM parts above ("NVIDIA H100 80GB HBM3", "NVIDIA H200").
+# PCIe and NVL boards have lower clocks and peaks (H100 PCIe 756, H100/H200 NVL 835 dense bf16
+# TFLOP/s) and GH200 another memory: none of them matches.
+_DEVICE_NAMES = ((re.compile(r"\bH100 (80GB HBM3|SXM)"), "h100-80gb"),
+                 (re.compile(r"\bH200\b(?! NVL)"), "h200-141gb"))
+
+
+def gpu_spec_for_device(device_name: str) -> Optional[GPUSpec]:
+    """The spec of the GPU CUDA names, or None for a part without one (set logging.peak_tflops)."""
+    return next((GPUS[key] for pattern, key in _DEVICE_NAMES if pattern.search(device_name)), None)

@@ -425,7 +425,8 @@ def enumerate_layouts(target: PlanModel, workload: Workload, gpus: int, gpu: GPU
 
     rec_opts = {None: [None, "full"], "none": [None]}.get(choice.recompute, [choice.recompute])
     for tp in pick(choice.tp, [d for d in _divisors(gpus) if d <= gpu.gpus_per_node]):
-        for cp in pick(choice.cp, [c for c in (1, 2, 4, 8, 16) if gpus % (tp * c) == 0]):
+        # Training refuses CP > 1 (not implemented); the planner still models it when asked (--cp).
+        for cp in pick(choice.cp, [1]):
             for pp in pick(choice.pp, _divisors(gpus // (tp * cp)) if gpus % (tp * cp) == 0 else [1]):
                 if gpus % (tp * cp * pp):
                     refused[f"TP x CP x PP = {tp * cp * pp} does not divide {gpus} GPUs"] += 1

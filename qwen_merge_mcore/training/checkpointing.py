@@ -184,6 +184,7 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         dist.barrier()
+        engine.sync_params()  # the weights of this step on every rank (distributed optimizer)
         state = _sharded_state(engine, data_state, is_loading=False)
         state.update(scheduler=scheduler.state_dict(), train_state=asdict(train_state), layout=_layout(),
                      **(extra or {}))

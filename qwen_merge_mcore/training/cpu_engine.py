@@ -5,12 +5,15 @@ Megatron-Core's DDP grad buffers, distributed optimizer and forward-backward sch
 allocate on CUDA, so this small engine stands in on CPU. It computes exactly what the GPU
 engine computes: gradients of the summed token loss, all-reduced over DP, divided by the
 assistant-token count of the whole global batch; the gradient norm over all model-parallel
-shards, counting TP-replicated parameters once.
+shards, counting TP-replicated parameters once. It also holds Megatron-Core DDP's invariant
+(with overlap_grad_reduce): every trainable parameter receives a gradient in the last
+micro-batch of every step, or the GPU run stops at the bucket's grad sync; here the step fails
+with the parameters named, instead of training on.
 """
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -22,42 +25,40 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from ..batch import Batch
 from ..config import ExperimentConfig
-from .engine import StepResult, finite
 from .loss import forward_step
 from .optim import param_groups
+from .step import StepResult, finite
 
 
 class CPUEngine:
     def __init__(self, cfg: ExperimentConfig, models: list[torch.nn.Module]):
-        if len(models) != 1 or cfg.parallel.pipeline_model_parallel_size != 1:
-            raise ValueError("the CPU engine runs pipeline_model_parallel_size=1 only (Megatron-Core's pipeline "
-                             "schedules need CUDA)")
-        if cfg.precision.params_dtype != "fp32":
-            raise ValueError(f"the CPU engine trains in fp32; set precision.params_dtype=fp32 "
-                             f"(got {cfg.precision.params_dtype})")
+        (self.model,) = models  # PP=1, fp32: checked by engine.select_engine
         self.cfg = cfg
         self.models = models
-        self.model = models[0]
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.names = {p: name for name, p in self.model.named_parameters() if p.requires_grad}
+        self.params = list(self.names)
+        # DDP's grad-ready hook fires per parameter on each backward; count it on the last one.
+        self._ready: Optional[set] = None
+        for p in self.params:
+            p.register_post_accumulate_grad_hook(self._grad_ready)
         self.tp_sum, self.tp_avg = _tp_replicated_with_local_grads(self.model)
         t = cfg.train
         self.optimizer = torch.optim.AdamW(param_groups(self.model, t.weight_decay), lr=t.lr,
                                            betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
                                            weight_decay=t.weight_decay)
 
-    def unwrapped(self) -> list[torch.nn.Module]:
-        return self.models
-
     def train_step(self, data: Iterator[Batch], num_microbatches: int) -> StepResult:
         self.model.train()
         for p in self.params:
             p.grad = None
         totals = torch.zeros(2, dtype=torch.float64)  # loss sum, tokens
-        for _ in range(num_microbatches):
+        for i in range(num_microbatches):
             output, loss_fn = forward_step(data, self.model)
             loss_sum, _, reported = loss_fn(output)
+            self._ready = set() if i == num_microbatches - 1 else None
             loss_sum.backward()
             totals += reported["lm loss"].double()
+        self._check_every_param_got_a_grad()
         dp_group = parallel_state.get_data_parallel_group()
         dist.all_reduce(totals, group=dp_group)
         loss_sum, tokens = totals.tolist()
@@ -75,6 +76,26 @@ class CPUEngine:
         self.optimizer.step()
         return StepResult(loss, int(tokens), grad_norm, skipped=False)
 
+    def unwrapped(self) -> list[torch.nn.Module]:
+        return self.models
+
+    def sync_params(self) -> None:
+        """Every rank updated its whole copy of the weights in place: nothing to gather."""
+
+    def _grad_ready(self, param: torch.Tensor) -> None:
+        if self._ready is not None:
+            self._ready.add(param)
+
+    def _check_every_param_got_a_grad(self) -> None:
+        missing = [self.names[p] for p in self.params if p not in self._ready]
+        self._ready = None
+        if missing:
+            names = ", ".join(missing[:4]) + (", ..." if len(missing) > 4 else "")
+            raise RuntimeError(
+                f"{len(missing)} trainable parameters got no gradient in the last micro-batch of the step ({names}): "
+                "Megatron-Core DDP (overlap_grad_reduce) stops on this ('Communication call has not been issued'); "
+                "every trainable part must take part in every forward")
+
     def _sync_tp_replicated_grads(self) -> None:
         """As Megatron's finalize_model_grads: TP-replicated weights that see only this rank's
         heads (q/k layernorm) sum their gradients over TP, so the replicas stay identical."""
@@ -89,9 +110,6 @@ class CPUEngine:
                         p.grad.div_(dist.get_world_size(group))
 
     def _reduce_grads(self, group, scale: float) -> None:
-        for p in self.params:
-            if p.grad is None:  # a trainable part this batch did not reach (no image in it)
-                p.grad = torch.zeros_like(p)
         grads = [p.grad for p in self.params]
         flat = _flatten_dense_tensors(grads)
         if dist.get_world_size(group) > 1:

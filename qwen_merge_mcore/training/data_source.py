@@ -24,15 +24,21 @@ class DataSource(Protocol):
 def build_data(cfg: ExperimentConfig, dp_rank: int, dp_size: int) -> DataSource:
     """The data pipeline's packed-sequence iterator for this DP rank (one sequence per micro-batch)."""
     import torch
+    from megatron.core import parallel_state
 
     from ..data.loader import build_train_iterator
+    from .pipeline_media import PipelineKeptSamples
 
     if cfg.train.micro_batch_size != 1:
         raise ValueError("packed training takes one packed sequence per micro-batch: set train.micro_batch_size=1 "
                          "and size micro-batches with data.seq_length")
+    # Pipeline stages after the first skip decoding (see pipeline_media.py).
+    pipelined = parallel_state.get_pipeline_model_parallel_world_size() > 1
     return build_train_iterator(cfg.data, cfg.model, tokenizer_dir(cfg), dp_rank=dp_rank, dp_size=dp_size,
                                 seed=cfg.train.seed,
-                                device_id=torch.cuda.current_device() if torch.cuda.is_available() else None)
+                                device_id=torch.cuda.current_device() if torch.cuda.is_available() else None,
+                                decode_media=parallel_state.is_pipeline_first_stage(),
+                                kept_samples=PipelineKeptSamples() if pipelined else None)
 
 
 def tokenizer_dir(cfg: ExperimentConfig) -> str:

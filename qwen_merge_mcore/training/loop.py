@@ -70,7 +70,8 @@ def run_training(cfg: ExperimentConfig, builder: Optional[ModelBuilder] = None,
     total = data_source.train_iters(cfg, data, microbatches)
     scheduler = build_scheduler(engine.optimizer, cfg.train, total)
     state = ckpt.resume(engine, scheduler, data) if resuming else None
-    log = StepLogger(cfg, rank, world, state.iteration if state else 0, total)
+    log = StepLogger(cfg, rank, world, state.iteration if state else 0, total,
+                     fp8_model=chunks[0].config.fp8 is not None)
     log.info(f"[{cfg.train.stage}] world {world} (TP {cfg.parallel.tensor_model_parallel_size}, PP "
              f"{cfg.parallel.pipeline_model_parallel_size}, DP {dp}), engine {type(engine).__name__}, "
              f"{microbatches} micro-batches/step, {total} steps; frozen: {', '.join(cfg.train.freeze) or 'none'}\n"

@@ -6,7 +6,7 @@ with `freeze(model, parts)`; tests may pass another builder with the same interf
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import torch
@@ -16,6 +16,7 @@ from megatron.core import parallel_state
 from ..checkpoint.common import model_chunks
 from ..config import ExperimentConfig
 from ..config.schema import PARTS
+from .engine import select_engine
 
 
 @dataclass
@@ -32,6 +33,8 @@ def default_builder() -> ModelBuilder:
 
 def build_chunks(cfg: ExperimentConfig, builder: Optional[ModelBuilder] = None) -> list[torch.nn.Module]:
     builder = builder or default_builder()
+    # The chunks are built for the engine that will train them (GPU: DDP's main_grad buffers).
+    cfg = replace(cfg, train=replace(cfg.train, engine=select_engine(cfg)))
     chunks = model_chunks(cfg, builder.build)
     for model in chunks:
         builder.freeze(model, list(cfg.train.freeze))

@@ -17,21 +17,15 @@ import torch
 from ..config import ExperimentConfig
 from ..utils.atomic import atomic_write_text
 
-# torch.cuda.get_device_name() fragment -> the planner's GPU spec (dense peak FLOP/s).
-KNOWN_GPUS = {"H100": "h100-80gb", "H200": "h200-141gb"}
-
-
-def peak_tflops(cfg: ExperimentConfig) -> Optional[float]:
-    """The MFU denominator: logging.peak_tflops, else the GPU's dense bf16 (or FP8) peak."""
-    from ..perf.hardware import gpu_spec
+def peak_tflops(cfg: ExperimentConfig, device_name: Optional[str], fp8_model: bool) -> Optional[float]:
+    """The MFU denominator: logging.peak_tflops, else the dense peak of a known GPU, in FP8 when
+    the decoder actually runs FP8 (`precision.fp8` may have been turned off for its widths)."""
+    from ..perf.hardware import gpu_spec_for_device
 
     if cfg.logging.peak_tflops is not None:
         return cfg.logging.peak_tflops
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    spec = next((gpu_spec(v) for k, v in KNOWN_GPUS.items() if k in name), None)
-    return spec.peak_flops(cfg.precision.fp8 is not None) / 1e12 if spec else None
+    spec = gpu_spec_for_device(device_name) if device_name else None
+    return spec.peak_flops(fp8_model) / 1e12 if spec else None
 
 
 def memory_gib() -> float:
@@ -75,9 +69,10 @@ class Summary:
 
 
 class StepLogger:
-    def __init__(self, cfg: ExperimentConfig, rank: int, world_size: int, start: int, train_iters: int):
+    def __init__(self, cfg: ExperimentConfig, rank: int, world_size: int, start: int, train_iters: int, *,
+                 fp8_model: bool):
         self.cfg, self.active, self.world = cfg, rank == 0, world_size
-        self.peak = peak_tflops(cfg)
+        self.peak = peak_tflops(cfg, torch.cuda.get_device_name() if torch.cuda.is_available() else None, fp8_model)
         self.records: list[StepRecord] = []
         self.t0 = time.perf_counter()
         self.summary = Summary(cfg.train.stage, start, start, train_iters)

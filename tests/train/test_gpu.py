@@ -61,7 +61,7 @@ def test_pipeline_schedules_train(tiny, tmp_path, vpp):
     import torch
 
     if torch.cuda.device_count() < 2:
-        pytest.skip("needs 2 GPUs for pipeline parallelism")
+        pytest.skip("needs 2 GPUs (pipeline parallelism)")
     overrides = ["parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=2",
                  "precision.params_dtype=bf16", "model.backend=auto", "train.engine=gpu", "train.train_iters=8",
                  "checkpoint.pretrained=", f"data.tokenizer={tiny['qwen3']}", f"checkpoint.save={tmp_path / 'run'}"]
