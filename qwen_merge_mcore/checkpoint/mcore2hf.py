@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from ..hf_config import model_config_from_hf
-from ..utils.atomic import atomic_output_dir
+from ..utils.atomic import atomic_output_dir, check_output_not_input
 from .hf2mcore import HF_META
 from .mapping import ParamMapping, param_mappings, to_backend_name
 from .safetensors_io import CheckpointError, ShardedSafetensorsWriter, TensorSpec, preview
@@ -81,6 +81,7 @@ def mcore_to_hf(mcore_dir: str | Path, out: str | Path, dtype: str | None = None
     from megatron.core import dist_checkpointing
 
     mcore_dir = Path(mcore_dir)
+    check_output_not_input(out, [mcore_dir])
     meta_dir = mcore_dir / HF_META
     if not (mcore_dir / "metadata.json").exists():
         raise CheckpointError(f"{mcore_dir}: not a Megatron distributed checkpoint (no metadata.json)")
