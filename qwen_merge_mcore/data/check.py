@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from .packing import packing_efficiency
-from .readers import open_rows
+from .readers import dataset_files, open_file
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
@@ -22,10 +23,10 @@ def check_sources(data_cfg, tokenizer: str | None) -> None:
     for i, ds in enumerate(data_cfg.datasets):
         key = f"data.datasets[{i}]"
         try:
-            rows = open_rows(ds.path)
+            empty = not any(_holds_rows(f) for f in dataset_files(ds.path))
         except (OSError, ValueError) as err:  # no files, unreadable or damaged files
             raise ConfigError(f"{key}.path", str(err)) from None
-        if len(rows) == 0:
+        if empty:
             raise ConfigError(f"{key}.path", f"{ds.path} holds no rows")
         if ds.data_root and not os.path.isdir(ds.data_root):
             raise ConfigError(f"{key}.data_root", f"{ds.data_root} is not a folder")
@@ -34,6 +35,16 @@ def check_sources(data_cfg, tokenizer: str | None) -> None:
             tokenizer_path(tokenizer)
         except FileNotFoundError as err:
             raise ConfigError("data.tokenizer", str(err)) from None
+
+
+def _holds_rows(path: str) -> bool:
+    """Whether a dataset file has a row, from its start only (parquet: its footer): every rank
+    runs this, and the loader reads the whole file afterwards anyway."""
+    if os.path.splitext(path)[1].lower() not in (".jsonl", ".ndjson", ".json"):
+        return len(open_file(path)) > 0  # parquet metadata; other extensions are refused by name
+    with open(path, "rb") as f:
+        head = f.read(1 << 16).strip()
+    return bool(head) and not re.fullmatch(rb"\[\s*\]", head)
 
 
 def tokenizer_path(name: str) -> str:
