@@ -13,7 +13,7 @@ import textwrap
 import pytest
 
 from qwen_merge_mcore.cli import main
-from qwen_merge_mcore.utils.atomic import atomic_output_dir, owner_tag
+from qwen_merge_mcore.utils.atomic import OutputExistsError, atomic_output_dir, owner_tag
 
 
 def _tree(path):
@@ -145,7 +145,7 @@ def test_a_killed_run_leaves_a_temp_folder_that_the_next_run_removes(tmp_path):
     assert os.path.isdir(left) and not out.exists()
     # Folders of a live process (this one) and of another host's process are not this run's to remove.
     live = tmp_path / f".out.tmp-{owner_tag()}-abc"
-    elsewhere = tmp_path / ".out.tmp-other-node-7-abc"
+    elsewhere = tmp_path / ".out.tmp-other-node-4026531836-7-abc"  # host other-node, its pid namespace
     live.mkdir()
     elsewhere.mkdir()
 
@@ -155,3 +155,13 @@ def test_a_killed_run_leaves_a_temp_folder_that_the_next_run_removes(tmp_path):
     assert live.is_dir() and elsewhere.is_dir()
     assert (out / "done").read_text() == "ok"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", live.name, elsewhere.name])
+
+    # Killed between moving the previous output aside and renaming the new one into place: the
+    # previous output comes back (and is then protected like any existing output).
+    previous = tmp_path / f".again.old-{owner_tag().rsplit('-', 1)[0]}-{proc.pid}-0"
+    previous.mkdir()
+    (previous / "done").write_text("previous")
+    with pytest.raises(OutputExistsError):
+        with atomic_output_dir(tmp_path / "again"):
+            pass
+    assert (tmp_path / "again" / "done").read_text() == "previous" and not previous.exists()

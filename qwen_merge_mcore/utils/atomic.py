@@ -1,7 +1,8 @@
 """Crash-safe outputs: build in a temporary sibling, rename into place at the end.
 
-The temporary folder is named `.<out>.tmp-<host>-<pid>-<random>`, so a later run for the same
-output can tell a folder left by a killed process (same host, pid no longer running: removed)
+The temporary folder is named `.<out>.tmp-<host>-<pidns>-<pid>-<random>` (pidns: the PID
+namespace, which containers on one host may not share), so a later run for the same output can
+tell a folder left by a killed process (same host and namespace, pid no longer running: removed)
 from one another process is still writing (kept).
 """
 
@@ -64,9 +65,18 @@ def os_error_message(err: OSError) -> str:
     return f"{paths}: {err.strerror}" if paths else err.strerror
 
 
+def _machine() -> str:
+    """This host and PID namespace: where a pid means this process and no other."""
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:  # no /proc (macOS): the host alone
+        namespace = 0
+    return f"{socket.gethostname()}-{namespace}"
+
+
 def owner_tag() -> str:
-    """`<host>-<pid>` of this process, as it appears in the temporary folders it creates."""
-    return f"{socket.gethostname()}-{os.getpid()}"
+    """`<host>-<pidns>-<pid>` of this process, as it appears in the temporary folders it creates."""
+    return f"{_machine()}-{os.getpid()}"
 
 
 def _pid_running(pid: int) -> bool:
@@ -82,12 +92,14 @@ def _pid_running(pid: int) -> bool:
 def remove_stale_temps(out: Path) -> list[Path]:
     """Remove the temporary folders of `out` left by dead processes of this host; return them.
 
-    Folders of live processes are kept silently; those of other hosts or of unknown owner are kept
-    and named in a warning (on a shared file system only their host can tell whether they are dead).
+    Folders of live processes are kept silently; those of other hosts (or containers) or of unknown
+    owner are kept and named in a warning: on a shared file system only their host can tell
+    whether their process is dead. A previous output that a killed run had moved aside and not yet
+    replaced (`.<out>.old-*` while `out` is missing) is moved back, not removed.
     """
     import glob
 
-    removed, host = [], socket.gethostname()
+    removed, machine = [], _machine()
     for kind in ("tmp", "old"):
         prefix = f".{out.name}.{kind}-"
         for path in sorted(out.parent.glob(glob.escape(prefix) + "*")):
@@ -95,10 +107,15 @@ def remove_stale_temps(out: Path) -> list[Path]:
             if owner is None:
                 log.warning("%s looks like an unfinished output of %s by an unknown process; remove it if no job "
                             "is writing there", path, out)
-            elif owner[0] != host:
-                log.warning("%s is an unfinished output of process %d on host %s; remove it if that job is gone",
+            elif owner[0] != machine:
+                log.warning("%s is an unfinished output of process %d on %s; remove it if that job is gone",
                             path, owner[1], owner[0])
-            elif not _pid_running(owner[1]):
+            elif _pid_running(owner[1]):
+                continue
+            elif kind == "old" and not out.exists():
+                path.rename(out)
+                log.warning("restored %s from %s: a killed run had moved it aside", out, path)
+            else:
                 shutil.rmtree(path, ignore_errors=True)
                 removed.append(path)
                 log.warning("removed %s: an unfinished output of process %d, which is no longer running",
@@ -107,11 +124,12 @@ def remove_stale_temps(out: Path) -> list[Path]:
 
 
 def _owner(tag: str) -> tuple[str, int] | None:
-    """(host, pid) from `<host>-<pid>-<suffix>` (mkdtemp's suffix has no '-'), None if not of that form."""
-    parts = tag.rsplit("-", 2)
-    if len(parts) != 3 or not parts[0] or not parts[1].isdigit():
+    """(`<host>-<pidns>`, pid) from `<host>-<pidns>-<pid>-<suffix>` (hosts may hold '-', the other
+    parts do not); None if the tag is not of that form."""
+    parts = tag.rsplit("-", 3)
+    if len(parts) != 4 or not parts[0] or not parts[1].isdigit() or not parts[2].isdigit():
         return None
-    return parts[0], int(parts[1])
+    return f"{parts[0]}-{parts[1]}", int(parts[2])
 
 
 def _prepare(out: Path, overwrite: bool) -> None:
@@ -159,8 +177,8 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path
     OutputPathError naming the path and the cause.
     """
     out = Path(out).absolute()
+    remove_stale_temps(out)  # first: it may move back a previous output, which --overwrite then guards
     _prepare(out, overwrite)
-    remove_stale_temps(out)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{owner_tag()}-", dir=out.parent))
     except OSError as err:
