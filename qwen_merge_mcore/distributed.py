@@ -33,6 +33,17 @@ class RankInfo:
     local_rank: int
 
 
+def launched() -> bool:
+    """Started by torchrun or srun (one process per rank), rather than as one plain process."""
+    return "RANK" in os.environ or "SLURM_PROCID" in os.environ
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def rank_info_from_env() -> RankInfo:
     """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; `srun` sets SLURM_PROCID/NTASKS/LOCALID."""
     env = os.environ
@@ -50,7 +61,10 @@ def initialize(parallel: ParallelConfig, seed: int = 1234, backend: str | None =
 
     info = rank_info_from_env()
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
+    # A single plain process rendezvouses with itself: any free port, so that two runs on one
+    # machine do not collide on a fixed one. Launched ranks must agree: torchrun and
+    # slurm/common.sh set MASTER_PORT; 29500 is torchrun's default.
+    os.environ.setdefault("MASTER_PORT", "29500" if launched() else str(free_port()))
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(info.local_rank)
@@ -59,7 +73,8 @@ def initialize(parallel: ParallelConfig, seed: int = 1234, backend: str | None =
                                 world_size=info.world_size, timeout=datetime.timedelta(minutes=timeout_minutes))
     model_parallel = parallel.model_parallel_size
     if info.world_size % model_parallel:
-        raise ValueError(f"world size {info.world_size} is not divisible by TP x PP x CP = {model_parallel}")
+        raise ValueError(f"world size {info.world_size} is not divisible by TP x PP x CP = {model_parallel}: start "
+                         f"a multiple of {model_parallel} processes (torchrun --nproc-per-node, srun -n)")
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
@@ -82,12 +97,6 @@ def destroy() -> None:
     parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world_size: int, port: int, parallel: ParallelConfig, collective_timeout_minutes: int,
@@ -123,7 +132,7 @@ def run_distributed(fn: Callable, world_size: int = 2, tp: int = 1, pp: int = 1,
                               virtual_pipeline_model_parallel_size=vpp)
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, world_size, port, parallel, collective_timeout_minutes, backend, fn,
                                                args, queue))
              for r in range(world_size)]

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from .distributed import free_port
 
 STAGES = ("stage1", "stage2.1", "stage2.2", "stage3")
 REPO = Path(__file__).resolve().parents[1]
@@ -28,12 +29,6 @@ def stage_config(stage: str, workdir: Path) -> str:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: the quickstart runs from a source checkout (pip install -e .)")
     return path.read_text().replace(DEFAULT_WORKDIR, str(workdir))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Quickstart:
@@ -97,7 +92,7 @@ class Quickstart:
         overrides = [f"train.train_iters={self.steps}"] if self.steps else []
         self._run(f"qmm train {stage} (torchrun, {self.nproc} processes)",
                   [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={self.nproc}",
-                   f"--master-port={_free_port()}", "-m", "qwen_merge_mcore", "train", "--config", str(config),
+                   f"--master-port={free_port()}", "-m", "qwen_merge_mcore", "train", "--config", str(config),
                    *overrides])
         summary = json.loads((run_dir / "summary.json").read_text())
         first, last = summary["first_loss"], summary["last_loss"]

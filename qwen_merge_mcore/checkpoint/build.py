@@ -19,7 +19,7 @@ from tqdm import tqdm
 from ..dtypes import HF_NAMES, torch_dtype
 from ..hf_config import head_dim, hf_dtype_name, rope_section, text_section
 from ..templates import chat_template
-from ..utils.atomic import atomic_output_dir
+from ..utils.atomic import atomic_output_dir, check_output_not_input
 from .hf_shapes import check_shapes, qwen2_5_vl_vision_shapes, qwen3_shapes
 from .safetensors_io import CheckpointError, SafetensorsFolder, ShardedSafetensorsWriter, TensorSpec
 
@@ -102,6 +102,7 @@ def build_qwen_merge(vlm_dir: str | Path, llm_dir: str | Path, out: str | Path, 
                      dtype: str | None = None, seed: int = 0, init_std: float = 0.02,
                      max_shard_bytes: int = 5 * 10**9, progress: bool = True) -> BuildResult:
     vlm_dir, llm_dir = Path(vlm_dir), Path(llm_dir)
+    check_output_not_input(out, [vlm_dir, llm_dir])
     vlm_cfg, llm_cfg = read_config(vlm_dir, "Qwen2.5-VL"), read_config(llm_dir, "Qwen3")
     cfg = merged_config(vlm_cfg, llm_cfg, dtype)
     check_token_ids(llm_dir, cfg)

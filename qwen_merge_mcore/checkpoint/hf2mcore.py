@@ -23,7 +23,7 @@ from typing import Optional
 
 from ..config import ModelConfig, ParallelConfig
 from ..config.schema import validate_layout
-from ..utils.atomic import atomic_output_dir
+from ..utils.atomic import atomic_output_dir, check_output_not_input
 from .common import HF_META, converter_experiment, copy_hf_meta, model_chunks, model_state, read_model_config
 from .mapping import param_mappings
 from .safetensors_io import CheckpointError, SafetensorsFolder, preview
@@ -130,6 +130,7 @@ def convert_rank(hf_dir: str, out_dir: str, cfg: ModelConfig, parallel: Parallel
 def hf_to_mcore(opts: ConvertOptions) -> Path:
     """Convert, spawning one CPU/GPU process per model-parallel rank, or, under torchrun/srun
     (WORLD_SIZE set), as this process's rank."""
+    check_output_not_input(opts.out, [opts.hf])
     folder = SafetensorsFolder(opts.hf)
     cfg = converter_model_config(folder)
     parallel = opts.parallel

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from ..dtypes import HF_NAMES, from_hf_name, torch_dtype
 from ..hf_config import hf_dtype_name
-from ..utils.atomic import atomic_output_dir
+from ..utils.atomic import atomic_output_dir, check_output_not_input
 from .common import EXTRA_STATE, HF_META, checkpoint_model_config, single_process_group, stored_key
 from .mapping import ParamMapping, param_mappings, split_layer
 from .safetensors_io import CheckpointError, ShardedSafetensorsWriter, TensorSpec, preview
@@ -74,6 +74,7 @@ def mcore_to_hf(mcore_dir: str | Path, out: str | Path, dtype: str | None = None
     from megatron.core import dist_checkpointing
 
     mcore_dir = Path(mcore_dir)
+    check_output_not_input(out, [mcore_dir])
     meta_dir = mcore_dir / HF_META
     if not (mcore_dir / "metadata.json").exists():
         raise CheckpointError(f"{mcore_dir}: not a Megatron distributed checkpoint (no metadata.json)")

@@ -1,10 +1,11 @@
 NAME = "data"
 HELP = "Prepare training data: convert public layouts, render text questions to images, check a mix."
 EXAMPLES = [
-    "qmm data convert --style recap --input downloads/LLaVA-ReCap-558K --out data/recap558k",
+    "qmm data convert --style recap --input downloads/LLaVA-ReCap-558K --out data/llava-recap-558k",
     "qmm data convert --style synthdog --input downloads/synthdog-zh --out data/synthdog-zh --prompt '识别图中文字'",
-    "qmm data render --input r1_questions.jsonl --out data/rendered --font /usr/share/fonts/my.ttc",
-    "qmm data check launch/stage3.yaml --samples 2000",
+    "qmm data convert --style synthdog --input 'downloads/synthdog-en/data/train-*.parquet' --out data/synthdog-en",
+    "qmm data render --input r1_questions.jsonl --out data/stage3-rendered-questions --font /usr/share/fonts/my.ttc",
+    "qmm data check launch/stage3.yaml --samples 2000 data.seq_length=4096",
 ]
 
 
@@ -23,7 +24,10 @@ def add_arguments(p) -> None:
                        "style parquet shards (messages + images as bytes) that data.datasets reads.",
                        **_example("qmm data convert"))
     c.add_argument("--style", required=True, choices=["recap", "onevision", "synthdog"])
-    c.add_argument("--input", required=True, help="downloaded dataset folder or one file")
+    c.add_argument("--input", required=True, help="downloaded dataset folder, one file, or a glob (quoted)")
+    c.add_argument("--split", default="train",
+                   help="from a folder or glob, read only this split's files: train (default), validation, test "
+                        "or all; files whose name or folder names no split are always read")
     c.add_argument("--out", required=True, help="output folder (data-00000.parquet, ...)")
     c.add_argument("--prompt", default="Read all the text in the image.", help="synthdog: the user prompt")
     c.add_argument("--limit", type=int, help="stop after this many rows")
@@ -44,12 +48,14 @@ def add_arguments(p) -> None:
     r.add_argument("--overwrite", action="store_true")
 
     k = sub.add_parser("check", help="run a config's data mix through the pipeline and report",
-                       description="Read, tokenise and pack samples of data.datasets like training does; "
-                       "print bad samples per reason and the packing efficiency.",
+                       description="Read, tokenise, pack and decode samples of data.datasets like training "
+                       "does; print bad samples per reason and the packing efficiency. Exit status 1 when the bad "
+                       "fraction exceeds data.max_bad_fraction (training would stop).",
                        **_example("qmm data check"))
     k.add_argument("config", help="YAML experiment config")
     k.add_argument("overrides", nargs="*", help="dotted overrides, key.path=value")
-    k.add_argument("--tokenizer", help="tokenizer folder (default: data.tokenizer or checkpoint.pretrained)")
+    k.add_argument("--tokenizer", help="tokenizer folder (default: as training finds it: data.tokenizer, else the "
+                                       "hf_meta/ of checkpoint.save's or checkpoint.pretrained's checkpoint)")
     k.add_argument("--samples", type=int, default=1000, help="samples to check")
 
 
@@ -61,7 +67,7 @@ def _convert(args) -> int:
     from ..data.tools.convert import convert
 
     print(convert(args.style, args.input, args.out, prompt=args.prompt, overwrite=args.overwrite,
-                  limit=args.limit, rows_per_shard=args.rows_per_shard))
+                  limit=args.limit, rows_per_shard=args.rows_per_shard, split=args.split))
     return 0
 
 
@@ -75,18 +81,16 @@ def _render(args) -> int:
     report = render_dataset(args.input, args.out, args.instruction,
                             PageStyle(width=width, height=height, font_size=args.font_size), args.font,
                             overwrite=args.overwrite, limit=args.limit)
-    print(f"{report.rows} questions rendered into {report.pages} pages under {args.out}/images "
-          f"({report.skipped} rows skipped); rows in {args.out}/data.jsonl")
+    print(f"{report}; pages under {args.out}/images, rows in {args.out}/data.jsonl")
     return 0
 
 
 def _check(args) -> int:
     from ..config import load_config
     from ..data.check import check_mix
+    from ..training.data_source import tokenizer_dir
 
     cfg = load_config(args.config, args.overrides, check_runtime=False)
-    tokenizer = args.tokenizer or cfg.data.tokenizer or cfg.checkpoint.pretrained
-    if not tokenizer:
-        raise ValueError("no tokenizer: pass --tokenizer or set data.tokenizer")
-    print(check_mix(cfg.data, cfg.model, tokenizer, args.samples, cfg.train.seed))
-    return 0
+    report, ok = check_mix(cfg.data, cfg.model, args.tokenizer or tokenizer_dir(cfg), args.samples, cfg.train.seed)
+    print(report)
+    return 0 if ok else 1

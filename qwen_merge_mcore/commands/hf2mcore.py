@@ -1,7 +1,7 @@
 NAME = "hf2mcore"
 HELP = ("Convert a Qwen-Merge, Qwen3 or Qwen2.5-VL HF folder to a Megatron-Core torch_dist checkpoint "
         "(spawns one process per model-parallel rank; under torchrun/srun, each launched process is one rank: "
-        "torchrun --nproc-per-node 8 -m qwen_merge_mcore hf2mcore ... --tp 8).")
+        "torchrun --nproc-per-node 4 -m qwen_merge_mcore hf2mcore ... --tp 4).")
 EXAMPLES = ["qmm hf2mcore --hf ckpt/qwen-merge-8b --out ckpt/qwen-merge-8b-mcore --tp 4 --pp 2",
             "qmm hf2mcore --hf work/merge --out work/merge-mcore --tp 2 --pp 2 --vpp 2 --overwrite"]
 

@@ -55,10 +55,31 @@ def config_from_dict(raw: dict[str, Any], check_runtime: bool = True) -> Experim
     return cfg
 
 
+# Packages a config turns on by setting a key: (key, module, pip requirement). The `gpu` extra
+# installs those the shipped configs (launch/stage*.yaml) use.
+OPTIONAL_PACKAGES = (("logging.tensorboard_dir", "tensorboard", "tensorboard"),
+                     ("logging.wandb_project", "wandb", "wandb"))
+
+
+def missing_packages(cfg: ExperimentConfig) -> list[tuple[str, str]]:
+    """(key, why) for each optional package the config turns on that this machine lacks."""
+    import importlib.util
+
+    missing = []
+    for key, module, requirement in OPTIONAL_PACKAGES:
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) and importlib.util.find_spec(module) is None:
+            missing.append((key, f"needs the {module} package, which is not installed here: "
+                                 f"pip install {requirement} (or the `gpu` extra)"))
+    return missing
+
+
 def check_machine(cfg: ExperimentConfig) -> None:
     """Rules that depend on the machine the config runs on."""
     from ..utils.runtime import te_available
 
+    for key, why in missing_packages(cfg):
+        raise ConfigError(key, why)
     if cfg.precision.fp8 is not None and not te_available():
         raise ConfigError("precision.fp8", f"FP8 ({cfg.precision.fp8}) needs Transformer Engine, which is "
                           "not importable on this machine (install the `gpu` extra on a CUDA machine)")

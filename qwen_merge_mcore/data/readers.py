@@ -68,10 +68,14 @@ def _json_or_lines(path: str):
 
 class ParquetRows:
     def __init__(self, path: str):
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         self.path = path
-        meta = pq.ParquetFile(path).metadata
+        try:
+            meta = pq.ParquetFile(path).metadata
+        except pa.ArrowException as err:  # not parquet, truncated, damaged footer
+            raise ValueError(f"{path}: not a readable parquet file ({err})") from None
         self._starts = [0]
         for g in range(meta.num_row_groups):
             self._starts.append(self._starts[-1] + meta.row_group(g).num_rows)
@@ -90,9 +94,15 @@ class ParquetRows:
             raise IndexError(i)
         group = bisect.bisect_right(self._starts, i) - 1
         if group != self._group:
+            import pyarrow as pa
+
             if self._file is None:
                 self._file = pq.ParquetFile(self.path)
-            self._table, self._group = self._file.read_row_group(group), group
+            try:
+                self._table, self._group = self._file.read_row_group(group), group
+            except pa.ArrowException as err:  # a damaged page: every row of the group is lost, so say so
+                raise ValueError(f"{self.path}: row group {group} (rows {self._starts[group]}-"
+                                 f"{self._starts[group + 1] - 1}) cannot be read ({err})") from None
         return self._table.slice(i - self._starts[group], 1).to_pylist()[0]
 
     def __getstate__(self):

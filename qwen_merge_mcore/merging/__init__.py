@@ -6,7 +6,18 @@ runs a merge over Hugging Face folders one tensor at a time.
 """
 
 from .spec import METHODS, MergeSpec
-from .stream import merge_folders
-from .validate import MergeValidationError
 
 __all__ = ["METHODS", "MergeSpec", "MergeValidationError", "merge_folders"]
+
+
+def __getattr__(name: str):
+    # Imported on first use: they import torch, and `qmm --help` reads only METHODS.
+    if name == "merge_folders":
+        from .stream import merge_folders
+
+        return merge_folders
+    if name == "MergeValidationError":
+        from .validate import MergeValidationError
+
+        return MergeValidationError
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 METHODS = ("linear", "layerswap", "ties", "dare_ties", "dare_linear")
 TASK_VECTOR_METHODS = ("ties", "dare_ties", "dare_linear")
+WEIGHT_SUM_METHODS = ("linear", "layerswap")  # weighted sums of whole tensors: weights must sum to 1
 
 
 @dataclass(frozen=True)
@@ -17,6 +19,9 @@ class MergeSpec:
     arithmetic); layerswap (0, 1), i.e. layers outside `layers` come from the second model as they are.
     layers: for layerswap, the layers kept from the first model unchanged.
     include_embeddings: also merge `embed_tokens` and `lm_head` (by default copied from models[0]).
+    any_weight_sum: allow linear/layerswap weights that do not sum to 1. Such weights scale every
+        merged tensor, norms included (0,0 zeroes the language model; 0.9,0.9 scales norms by 1.8),
+        so they are refused unless asked for. Task-vector methods scale deltas and are not checked.
     """
 
     method: str
@@ -27,6 +32,7 @@ class MergeSpec:
     layers: frozenset[int] = field(default_factory=frozenset)
     seed: int = 0
     include_embeddings: bool = False
+    any_weight_sum: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "models", tuple(Path(m) for m in self.models))
@@ -51,6 +57,12 @@ class MergeSpec:
             object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
             if len(self.weights) != len(self.models):
                 raise ValueError(f"{len(self.weights)} weights for {len(self.models)} models; give one per model")
+            total = sum(self.weights)
+            if self.method in WEIGHT_SUM_METHODS and not self.any_weight_sum and not math.isclose(total, 1.0,
+                                                                                                  abs_tol=1e-6):
+                raise ValueError(f"--weights {','.join(f'{w:g}' for w in self.weights)} sum to {total:g}, not 1: "
+                                 f"--method {self.method} would scale every merged tensor, norms included, by "
+                                 f"{total:g}; give weights that sum to 1, or pass --any-weight-sum to scale on purpose")
         if not 0.0 < self.density <= 1.0:
             raise ValueError(f"--density must be in (0, 1], got {self.density}")
 

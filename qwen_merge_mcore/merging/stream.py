@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint.safetensors_io import SafetensorsFolder, ShardedSafetensorsWriter
-from ..utils.atomic import atomic_output_dir
+from ..utils.atomic import atomic_output_dir, check_output_not_input
 from . import methods
 from .names import classify, lm_tensors
 from .spec import TASK_VECTOR_METHODS, MergeSpec
@@ -124,6 +124,7 @@ def merge_folders(spec: MergeSpec, out: str | Path, overwrite: bool = False, max
 
     out = Path(out).absolute()
     folders = list(spec.models) + ([spec.base] if spec.base is not None else [])
+    check_output_not_input(out, folders)
     readers = [SafetensorsFolder(f) for f in folders]
     lm_maps = [lm_tensors(r.names()) for r in readers]
     roles = MERGED_ROLES + (EMBEDDING_ROLES if spec.include_embeddings else ())

@@ -5,6 +5,11 @@ model config, the set of language-model tensors and their shapes (this catches d
 architectures, depths and vocabulary sizes), and the tokenizer vocabularies (equal sizes with
 different token ids would merge rows that mean different tokens). All problems are collected
 and reported together.
+
+Tied and untied models (Qwen3's small sizes tie `lm_head` to `embed_tokens`): their layers and
+norms merge in either order, embeddings and lm_head coming from the first model; merging the
+embeddings too (`--include-embeddings`) is refused, whichever model comes first, since a tied
+output has no separate lm_head to hold the untied models' share.
 """
 
 from __future__ import annotations
@@ -56,13 +61,16 @@ def check_compatible(folders: Sequence[Path], readers: Sequence[SafetensorsFolde
     ref, ref_cfg, ref_vocab = folders[0], text_config(folders[0]), tokenizer_vocab(folders[0])
     if not merged_keys:
         problems.append(f"{ref}: no language-model tensors (model.layers.*, model.norm) found")
+    tie_problem = _tie_mismatch(folders, lm_maps) if "embed_tokens.weight" in merged_keys else None
+    if tie_problem:
+        problems.append(tie_problem)
     for folder, reader, lm in zip(folders[1:], readers[1:], lm_maps[1:]):
         cfg = text_config(folder)
         fields = [f"{k}: {ref_cfg[k]} vs {cfg[k]}" for k in STRUCTURAL_FIELDS
                   if k in ref_cfg and k in cfg and ref_cfg[k] != cfg[k]]
         if fields:
             problems.append(f"{folder}: language-model config differs from {ref}: {'; '.join(fields)}")
-        missing = sorted(merged_keys - lm.keys())
+        missing = sorted(merged_keys - lm.keys() - ({"lm_head.weight"} if tie_problem else set()))
         if missing:
             problems.append(f"{folder}: lacks {len(missing)} language-model tensors that {ref} has: "
                             f"{preview(missing)}")
@@ -82,3 +90,14 @@ def check_compatible(folders: Sequence[Path], readers: Sequence[SafetensorsFolde
                             f"{preview([repr(t) for t in differ])}")
     if problems:
         raise MergeValidationError(problems)
+
+
+def _tie_mismatch(folders: Sequence[Path], lm_maps: Sequence[dict[str, str]]) -> str | None:
+    """The problem when some inputs tie lm_head to embed_tokens (store no lm_head) and others do not."""
+    tied = [str(f) for f, lm in zip(folders, lm_maps) if "lm_head.weight" not in lm]
+    untied = [str(f) for f, lm in zip(folders, lm_maps) if "lm_head.weight" in lm]
+    if not tied or not untied:
+        return None
+    return (f"--include-embeddings merges embed_tokens and lm_head, but {', '.join(tied)} tie lm_head to "
+            f"embed_tokens and {', '.join(untied)} do not; merge without --include-embeddings (embeddings and "
+            "lm_head then come from the first model)")

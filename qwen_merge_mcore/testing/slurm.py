@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from ..distributed import free_port
+
 DAEMONS = ("slurmctld", "slurmd")
 FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY", "BOOT_FAIL",
             "DEADLINE"}
@@ -36,12 +38,6 @@ def slurm_missing() -> Optional[str]:
     if not missing:
         return None
     return f"Slurm ({', '.join(missing)}) is not installed: run `bash scripts/install-slurm.sh` (scripts/test.sh does)"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _exe(name: str) -> str:
@@ -65,7 +61,7 @@ class SlurmCluster:
             "ClusterName=qmmtest", f"SlurmctldHost={self.host}(127.0.0.1)",
             "AuthType=auth/none", "CredType=cred/none", "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none",
             "SlurmUser=root", "SlurmdUser=root", "MpiDefault=none", "ReturnToService=2", "JobRequeue=1",
-            f"SlurmctldPort={_free_port()}", f"SlurmdPort={_free_port()}",
+            f"SlurmctldPort={free_port()}", f"SlurmdPort={free_port()}",
             f"StateSaveLocation={r / 'state'}", f"SlurmdSpoolDir={r / 'spool'}",
             f"SlurmctldPidFile={r / 'slurmctld.pid'}", f"SlurmdPidFile={r / 'slurmd.pid'}",
             f"SlurmctldLogFile={r / 'log' / 'slurmctld.log'}", f"SlurmdLogFile={r / 'log' / 'slurmd.log'}",

@@ -208,3 +208,39 @@ def test_cli_merges_and_reports_errors(tiny_pair, tmp_path, capsys):
     assert "needs --base" in capsys.readouterr().err
     assert main(args[:-1] + ["--weights", "0.9;0.1", "--overwrite"]) == 1
     assert "--weights '0.9;0.1'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method,weights", [("linear", "0,0"), ("linear", "0.9,0.9"), ("layerswap", "0.5,0.6")])
+def test_weights_that_do_not_sum_to_one_are_refused_unless_asked_for(tiny_pair, tmp_path, capsys, method, weights):
+    from qwen_merge_mcore.cli import main
+
+    a, b = tiny_pair[0]["qwen3"], tiny_pair[1]["qwen3"]
+    args = ["merge", "--method", method, "--model", str(a), "--model", str(b), "--weights", weights,
+            "--out", str(tmp_path / "out"), "--no-progress"] + (["--layers", "0"] if method == "layerswap" else [])
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    total = sum(float(w) for w in weights.split(","))
+    assert f"sum to {total:g}, not 1" in err and "--any-weight-sum" in err and not (tmp_path / "out").exists()
+    # On purpose: the merged tensors are the weighted sums, scale included.
+    assert main(args + ["--any-weight-sum"]) == 0
+    w = tuple(float(x) for x in weights.split(","))
+    layers = frozenset({0}) if method == "layerswap" else frozenset()
+    assert check_merge(MergeSpec(method, (a, b), weights=w, layers=layers, any_weight_sum=True), tmp_path / "out")
+    # Task-vector methods weight deltas, which need not sum to 1.
+    MergeSpec("ties", (a, b), base=a, weights=(1.0, 1.0))
+
+
+def test_tied_with_untied_follows_one_rule_in_both_orders(tiny_pair, tmp_path):
+    untied, tied = tiny_pair[0]["qwen3"], tiny_pair[1]["qwen3-tied"]
+    for i, models in enumerate([(untied, tied), (tied, untied)]):
+        with pytest.raises(MergeValidationError) as err:
+            merge_folders(MergeSpec("linear", models, include_embeddings=True), tmp_path / f"refused{i}",
+                          progress=False)
+        assert f"{tied} tie lm_head to embed_tokens and {untied} do not" in str(err.value)
+        assert "lacks" not in str(err.value) and not (tmp_path / f"refused{i}").exists()
+        # Without --include-embeddings both orders merge layers and norms; embeddings and lm_head
+        # (or their absence) are the first model's.
+        spec = MergeSpec("linear", models)
+        out = merge_folders(spec, tmp_path / f"merged{i}", progress=False)
+        assert check_merge(spec, out) == 45
+        assert ("lm_head.weight" in load_folder(out)) == (models[0] == untied)
