@@ -223,7 +223,9 @@ def run_case(case: Case, device: str, matmul: float, data: Batches) -> dict:
     seconds = sum(times[case.warmup:])
     flops = sum(step_flops(cfg.model, BatchStats.from_batch(b), freeze=cfg.train.freeze) for b in timed)
     tflops = flops / seconds / 1e12
-    peak = peak_tflops(cfg)  # the datasheet's dense bf16 peak of this GPU (None on CPU)
+    # the datasheet's dense peak of this GPU, FP8 where the decoder runs FP8 (None on CPU)
+    peak = peak_tflops(cfg, torch.cuda.get_device_name() if cuda else None,
+                       fp8_model=chunks[0].config.fp8 is not None)
     params = [p for chunk in engine.unwrapped() for p in chunk.parameters()]
     out = {"preset": case.preset, "case": dataclasses.asdict(case), "engine": type(engine).__name__,
            "decoder_layers": cfg.model.language.num_layers, "vit_depth": cfg.model.vision.depth,
