@@ -64,7 +64,7 @@ def run_training(cfg: ExperimentConfig, builder: Optional[ModelBuilder] = None,
     report = parameter_report(chunks)
     check_freeze(report, list(cfg.train.freeze))
     if cfg.checkpoint.pretrained and not resuming:  # before the engine copies params (fp32 main params)
-        source = checkpointing.load_weights(cfg.checkpoint.pretrained, chunks)
+        source = checkpointing.load_weights(cfg.checkpoint.pretrained, chunks, cfg.model)
     engine = build_engine(cfg, chunks)
     data = (make_data or data_source.build_data)(cfg, dp_rank, dp)
     total = data_source.train_iters(cfg, data, microbatches)
