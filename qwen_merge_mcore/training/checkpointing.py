@@ -3,6 +3,7 @@
 Layout of a run folder (Megatron-LM's):
 
     <save>/iter_0000100/                       one Megatron-Core distributed checkpoint
+    <save>/iter_0000100/hf/                    its Hugging Face folder (checkpoint.save_hf)
     <save>/latest_checkpointed_iteration.txt   the iteration to resume from
 
 A save writes into `<save>/.tmp_iter_0000100/`, renames it to `iter_0000100/` once every rank
@@ -34,11 +35,13 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from ..checkpoint.common import HF_META, copy_hf_meta, is_hf_folder, load_model, load_model_chunk, load_sharded, model_state
 from ..checkpoint.cpu_compat import save_dist_checkpoint
+from ..checkpoint.hf_export import export_hf
 from ..checkpoint.hf_source import load_hf_folder
 from ..config import ModelConfig
 from ..utils.atomic import atomic_write_text
 
 LATEST = "latest_checkpointed_iteration.txt"
+HF_DIR = "hf"  # checkpoint.save_hf's folder inside each checkpoint
 
 
 @dataclass
@@ -164,13 +167,19 @@ def signal_proof_write_queue() -> None:
 
 class Checkpointer:
     def __init__(self, save: Optional[str], keep_last: int, async_save: bool = False,
-                 hf_meta: Optional[Path] = None):
+                 hf_meta: Optional[Path] = None, save_hf: Optional[ModelConfig] = None):
         self.root = Path(save) if save else None
         if self.root is not None:
             signal_proof_write_queue()
         self.keep_last = keep_last
         # Copied into every checkpoint, so that `qmm mcore2hf` exports any of them.
         self.hf_meta = hf_meta
+        # The model whose HF folder every save also writes (checkpoint.save_hf), or None.
+        self.save_hf = save_hf
+        if save_hf is not None and hf_meta is None:
+            raise ValueError("checkpoint.save_hf needs the Hugging Face files (config, tokenizer) of the model: set "
+                             "checkpoint.pretrained to an HF folder, a `qmm hf2mcore` checkpoint or a run started "
+                             "from one")
         self.async_queue = None
         if async_save and torch.cuda.is_available():
             from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
@@ -195,6 +204,8 @@ class Checkpointer:
         state.update(scheduler=scheduler.state_dict(), train_state=asdict(train_state), layout=_layout(),
                      **(extra or {}))
         request = save_dist_checkpoint(state, str(tmp), async_sharded_save=self.async_queue is not None)
+        if self.save_hf is not None:  # inside the checkpoint's temp folder: published with it
+            export_hf(engine.unwrapped(), tmp / HF_DIR, self.hf_meta, self.save_hf)
         finalize = lambda: self._publish(tmp, final, iteration)  # noqa: E731
         if self.async_queue is not None:
             request.add_finalize_fn(finalize)

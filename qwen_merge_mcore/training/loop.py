@@ -56,7 +56,8 @@ def run_training(cfg: ExperimentConfig, builder: Optional[ModelBuilder] = None,
     rank, world = dist.get_rank(), dist.get_world_size()
     microbatches = data_source.num_microbatches(cfg, dp)
     ckpt = Checkpointer(cfg.checkpoint.save, cfg.checkpoint.keep_last, cfg.checkpoint.async_save,
-                        checkpointing.find_hf_meta(cfg.checkpoint.pretrained, cfg.checkpoint.save))
+                        checkpointing.find_hf_meta(cfg.checkpoint.pretrained, cfg.checkpoint.save),
+                        save_hf=cfg.model if cfg.checkpoint.save_hf else None)
     resuming = cfg.checkpoint.save is not None and checkpointing.latest_iteration(cfg.checkpoint.save) is not None
 
     seed_everything(cfg.train.seed)
