@@ -41,7 +41,7 @@ def is_hf_folder(path: str | Path) -> bool:
 def copy_hf_meta(hf_dir: str | Path, dest: str | Path) -> None:
     """Everything but the weights: config, tokenizer, chat template, processor, remote code."""
     dest = Path(dest)
-    dest.mkdir(parents=True)
+    dest.mkdir(parents=True, exist_ok=True)
     for path in sorted(Path(hf_dir).iterdir()):
         if path.is_file() and not path.name.endswith(".safetensors") and path.name != INDEX:
             shutil.copy2(path, dest / path.name)

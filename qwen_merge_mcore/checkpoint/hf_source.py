@@ -181,3 +181,45 @@ def load_hf_weights(model: torch.nn.Module, hf_dir, cfg: ModelConfig) -> list[st
     for sh_ten in sharded_tensors(state):
         sh_ten.data.copy_(source.read(sh_ten))
     return sorted(set(folder.names()) - used)
+
+
+# Training choices that an HF config does not fix (or fixes only as a default).
+_NOT_IN_WEIGHTS = {"preset", "backend", "language.make_vocab_size_divisible_by", "language.max_position_embeddings",
+                   "projector.init_std"}
+
+
+def config_differences(hf: ModelConfig, model: ModelConfig) -> list[str]:
+    """`field: HF value != model value` for every model field an HF folder's config fixes."""
+    from dataclasses import asdict
+
+    def flat(cfg: ModelConfig) -> dict:
+        out = {}
+        for key, value in asdict(cfg).items():
+            items = value.items() if isinstance(value, dict) else [(None, value)]
+            out.update({f"{key}.{k}" if k else key: v for k, v in items})
+        return out
+
+    ours, theirs = flat(model), flat(hf)
+    skip = set(_NOT_IN_WEIGHTS)
+    if not hf.has_vision:
+        skip |= {k for k in theirs if k.split(".")[0] in ("vision", "projector") or k.endswith("_token_id")}
+    return [f"{k}: {theirs[k]!r} != {ours[k]!r}" for k in theirs if k not in skip and theirs[k] != ours[k]]
+
+
+def load_hf_folder(chunks: list[torch.nn.Module], hf_dir, cfg: ModelConfig) -> None:
+    """Weights-only start from a Hugging Face folder (Qwen-Merge, Qwen3 or Qwen2.5-VL, told apart
+    by its config.json): each rank fills its model chunks with its own slices through the mapping
+    table, as `qmm hf2mcore` would have written them. The folder's config must describe `cfg`'s
+    model, and every tensor in it must belong to the table."""
+    from .common import read_model_config
+    from .hf2mcore import check_coverage
+
+    folder = SafetensorsFolder(hf_dir)
+    hf_cfg = read_model_config(folder.folder / "config.json")[1]
+    differences = config_differences(hf_cfg, cfg)
+    if differences:
+        raise CheckpointError(f"{folder.folder}: the Hugging Face model ({hf_cfg.architecture}) is not the "
+                              f"configured model: {preview(differences, 5)} (HF value != model value)")
+    check_coverage(folder, cfg)
+    for chunk in chunks:
+        load_hf_weights(chunk, folder.folder, cfg)

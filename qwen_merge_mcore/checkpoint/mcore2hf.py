@@ -12,7 +12,6 @@ processor, chat template and remote code come from `hf_meta/`, stored there by `
 from __future__ import annotations
 
 import json
-import shutil
 from collections import defaultdict
 from pathlib import Path
 
@@ -22,7 +21,8 @@ from tqdm import tqdm
 from ..dtypes import HF_NAMES, from_hf_name, torch_dtype
 from ..hf_config import hf_dtype_name
 from ..utils.atomic import atomic_output_dir, check_output_not_input
-from .common import EXTRA_STATE, HF_META, checkpoint_model_config, single_process_group, stored_key
+from .common import (EXTRA_STATE, HF_META, checkpoint_model_config, copy_hf_meta, single_process_group,
+                     stored_key)
 from .mapping import ParamMapping, param_mappings, split_layer
 from .safetensors_io import CheckpointError, ShardedSafetensorsWriter, TensorSpec, preview
 
@@ -63,10 +63,44 @@ def locate(name: str, metadata: dict) -> _StoredTensor:
     raise CheckpointError(f"the checkpoint has no tensor for {name}")
 
 
-def _group(name: str) -> str:
+# The export's steps, shared with the training ranks' `hf_export.export_hf` (checkpoint.save_hf).
+
+def load_unit(name: str) -> str:
     """Load unit: all parameters of one transformer layer together, anything else alone."""
     layer = split_layer(name)
     return name if layer is None else layer.layer
+
+
+def load_units(table: list[ParamMapping]) -> dict[str, list[ParamMapping]]:
+    units: dict[str, list[ParamMapping]] = defaultdict(list)
+    for m in table:
+        units[load_unit(m.megatron)].append(m)
+    return units
+
+
+def default_dtype(hf_cfg: dict) -> str:
+    """The output dtype when none is asked for: the original config's."""
+    return from_hf_name(hf_dtype_name(hf_cfg))
+
+
+def plan_hf_tensors(table: list[ParamMapping], shapes: dict[str, tuple[int, ...]],
+                    out_dtype: torch.dtype) -> list[TensorSpec]:
+    """Every HF tensor of the export, from the TP-free Megatron shape of each table entry."""
+    specs = []
+    for m in table:
+        metas = m.transform.unmerge(torch.empty(shapes[m.megatron], device="meta"))
+        specs += [TensorSpec(h, tuple(t.shape), out_dtype) for h, t in zip(m.hf, metas)]
+    return specs
+
+
+def write_unit(members: list[ParamMapping], tensors: dict[str, torch.Tensor], writer: ShardedSafetensorsWriter,
+               out_dtype: torch.dtype, on_write=None) -> None:
+    """The HF tensors of one load unit (TP-free Megatron tensors by table name) into the output."""
+    for m in members:
+        for h, t in zip(m.hf, m.transform.unmerge(tensors[m.megatron])):
+            writer.write(h, t.to(out_dtype))
+            if on_write:
+                on_write(t.numel() * out_dtype.itemsize)
 
 
 def mcore_to_hf(mcore_dir: str | Path, out: str | Path, dtype: str | None = None, overwrite: bool = False,
@@ -79,21 +113,15 @@ def mcore_to_hf(mcore_dir: str | Path, out: str | Path, dtype: str | None = None
     if not (mcore_dir / "metadata.json").exists():
         raise CheckpointError(f"{mcore_dir}: not a Megatron distributed checkpoint (no metadata.json)")
     hf_cfg, cfg = checkpoint_model_config(mcore_dir)
-    if dtype is None:
-        dtype = from_hf_name(hf_dtype_name(hf_cfg))
+    dtype = dtype or default_dtype(hf_cfg)
     out_dtype = torch_dtype(dtype)
     with single_process_group():
         metadata = dist_checkpointing.load_tensors_metadata(str(mcore_dir))
         table = param_mappings(cfg, 1)
         stored = {m.megatron: locate(m.megatron, metadata) for m in table}
         _check_leftovers(metadata, stored)
-        specs = []
-        for m in table:
-            metas = m.transform.unmerge(torch.empty(stored[m.megatron].shape, device="meta"))
-            specs += [TensorSpec(h, tuple(t.shape), out_dtype) for h, t in zip(m.hf, metas)]
-        groups: dict[str, list[ParamMapping]] = defaultdict(list)
-        for m in table:
-            groups[_group(m.megatron)].append(m)
+        specs = plan_hf_tensors(table, {m.megatron: stored[m.megatron].shape for m in table}, out_dtype)
+        groups = load_units(table)
         with atomic_output_dir(out, overwrite=overwrite) as tmp:
             writer = ShardedSafetensorsWriter(tmp, specs, max_shard_bytes)
             bar = tqdm(total=writer.total_size, unit="B", unit_scale=True, desc="mcore2hf", disable=not progress)
@@ -101,14 +129,12 @@ def mcore_to_hf(mcore_dir: str | Path, out: str | Path, dtype: str | None = None
                 request = {m.megatron: stored[m.megatron].sharded_tensor() for m in members}
                 # A subset of the checkpoint: no full-coverage check.
                 loaded = dist_checkpointing.load(request, str(mcore_dir), validate_access_integrity=False)
-                for m in members:
-                    for h, t in zip(m.hf, m.transform.unmerge(stored[m.megatron].unwrap(loaded.pop(m.megatron)))):
-                        writer.write(h, t.to(out_dtype))
-                        bar.update(t.numel() * out_dtype.itemsize)
+                write_unit(members, {m.megatron: stored[m.megatron].unwrap(loaded.pop(m.megatron)) for m in members},
+                           writer, out_dtype, bar.update)
                 del loaded
             bar.close()
             writer.close()
-            _copy_meta(meta_dir, tmp, HF_NAMES[dtype])
+            copy_meta(meta_dir, tmp, dtype)
     return Path(out)
 
 
@@ -121,11 +147,10 @@ def _check_leftovers(metadata: dict, stored: dict[str, _StoredTensor]) -> None:
         raise CheckpointError(f"{len(leftover)} checkpoint tensors have no HF mapping: {preview(leftover)}")
 
 
-def _copy_meta(meta_dir: Path, dest: Path, dtype_name: str) -> None:
-    for path in sorted(meta_dir.iterdir()):
-        if path.is_file():
-            shutil.copy2(path, dest / path.name)
+def copy_meta(meta_dir: Path, dest: Path, dtype: str) -> None:
+    """The non-weight files (config with the output dtype, tokenizer, processor, remote code)."""
+    copy_hf_meta(meta_dir, dest)
     cfg = json.loads((dest / "config.json").read_text())
-    cfg["dtype"] = dtype_name
+    cfg["dtype"] = HF_NAMES[dtype]
     cfg.pop("torch_dtype", None)
     (dest / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")

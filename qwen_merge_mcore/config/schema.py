@@ -330,9 +330,14 @@ class CheckpointConfig:
     save_interval: int = 1000
     keep_last: int = 3
     async_save: bool = False  # GPU only
+    # Also write a Hugging Face folder (`iter_NNNNNNN/hf/`, what `qmm mcore2hf` would make of the
+    # checkpoint) at every save, streamed by the ranks.
+    save_hf: bool = False
 
     def validate(self, prefix: str = "checkpoint") -> None:
         _positive(self, prefix, "save_interval", "keep_last")
+        _require(self.save is not None or not self.save_hf, f"{prefix}.save_hf",
+                 "needs checkpoint.save (the HF folder goes beside each saved checkpoint)")
 
 
 @dataclass

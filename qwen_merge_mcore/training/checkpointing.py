@@ -3,6 +3,7 @@
 Layout of a run folder (Megatron-LM's):
 
     <save>/iter_0000100/                       one Megatron-Core distributed checkpoint
+    <save>/iter_0000100/hf/                    its Hugging Face folder (checkpoint.save_hf)
     <save>/latest_checkpointed_iteration.txt   the iteration to resume from
 
 A save writes into `<save>/.tmp_iter_0000100/`, renames it to `iter_0000100/` once every rank
@@ -10,8 +11,8 @@ has finished, then replaces the `latest` file atomically: a save killed at any p
 previous checkpoint as the latest. Only the newest `keep_last` iterations are kept.
 
 A *resume* (same run, `<save>` has a latest checkpoint) restores everything; a *weights-only*
-start (`checkpoint.pretrained`: the previous stage's run or a converted checkpoint) loads only
-the model. RNG and sampler state are stored per rank and restored only when the parallel
+start (`checkpoint.pretrained`: the previous stage's run, a converted checkpoint, or a Hugging Face
+folder read slice by slice through the mapping table) loads only the model. RNG and sampler state are stored per rank and restored only when the parallel
 layout is unchanged (a torch_dist model and optimizer reload at any layout).
 """
 
@@ -32,11 +33,15 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-from ..checkpoint.common import HF_META, load_model, load_model_chunk, load_sharded, model_state
+from ..checkpoint.common import HF_META, copy_hf_meta, is_hf_folder, load_model, load_model_chunk, load_sharded, model_state
 from ..checkpoint.cpu_compat import save_dist_checkpoint
+from ..checkpoint.hf_export import export_hf
+from ..checkpoint.hf_source import load_hf_folder
+from ..config import ModelConfig
 from ..utils.atomic import atomic_write_text
 
 LATEST = "latest_checkpointed_iteration.txt"
+HF_DIR = "hf"  # checkpoint.save_hf's folder inside each checkpoint
 
 
 @dataclass
@@ -69,8 +74,10 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
         return path
     it = latest_iteration(path)
     if it is None:
-        raise FileNotFoundError(f"{path} is neither a torch_dist checkpoint (no metadata.json) nor a run folder "
-                                f"with {LATEST}")
+        what = "does not exist" if not path.exists() else (
+            f"is neither a torch_dist checkpoint (no metadata.json), a run folder (no {LATEST}) nor a Hugging "
+            "Face folder (config.json and *.safetensors)")
+        raise FileNotFoundError(f"{path} {what}")
     return iter_dir(path, it)
 
 
@@ -123,6 +130,8 @@ def find_hf_meta(pretrained: Optional[str], save: Optional[str]) -> Optional[Pat
     for root in (save, pretrained):
         if not root:
             continue
+        if is_hf_folder(root):
+            return Path(root)  # its non-weight files are the hf_meta
         try:
             meta = resolve_checkpoint_dir(root) / HF_META
         except FileNotFoundError:
@@ -158,13 +167,19 @@ def signal_proof_write_queue() -> None:
 
 class Checkpointer:
     def __init__(self, save: Optional[str], keep_last: int, async_save: bool = False,
-                 hf_meta: Optional[Path] = None):
+                 hf_meta: Optional[Path] = None, save_hf: Optional[ModelConfig] = None):
         self.root = Path(save) if save else None
         if self.root is not None:
             signal_proof_write_queue()
         self.keep_last = keep_last
         # Copied into every checkpoint, so that `qmm mcore2hf` exports any of them.
         self.hf_meta = hf_meta
+        # The model whose HF folder every save also writes (checkpoint.save_hf), or None.
+        self.save_hf = save_hf
+        if save_hf is not None and hf_meta is None:
+            raise ValueError("checkpoint.save_hf needs the Hugging Face files (config, tokenizer) of the model: set "
+                             "checkpoint.pretrained to an HF folder, a `qmm hf2mcore` checkpoint or a run started "
+                             "from one")
         self.async_queue = None
         if async_save and torch.cuda.is_available():
             from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
@@ -189,6 +204,8 @@ class Checkpointer:
         state.update(scheduler=scheduler.state_dict(), train_state=asdict(train_state), layout=_layout(),
                      **(extra or {}))
         request = save_dist_checkpoint(state, str(tmp), async_sharded_save=self.async_queue is not None)
+        if self.save_hf is not None:  # inside the checkpoint's temp folder: published with it
+            export_hf(engine.unwrapped(), tmp / HF_DIR, self.hf_meta, self.save_hf)
         finalize = lambda: self._publish(tmp, final, iteration)  # noqa: E731
         if self.async_queue is not None:
             request.add_finalize_fn(finalize)
@@ -204,7 +221,7 @@ class Checkpointer:
         if dist.get_rank() != 0:
             return
         if self.hf_meta is not None:
-            shutil.copytree(self.hf_meta, tmp / HF_META)
+            copy_hf_meta(self.hf_meta, tmp / HF_META)  # an hf_meta/ or an HF folder (no weights)
         tmp.rename(final)
         atomic_write_text(self.root / LATEST, f"{iteration}\n")
         done = sorted(p for p in self.root.glob("iter_*") if p.is_dir() and p.name[5:].isdigit())
@@ -248,8 +265,12 @@ class Checkpointer:
         return TrainState(**common["train_state"])
 
 
-def load_weights(path: str | Path, models: list[torch.nn.Module]) -> Path:
-    """Weights-only start from a converted checkpoint or a previous stage's run (any layout)."""
+def load_weights(path: str | Path, models: list[torch.nn.Module], model_cfg: ModelConfig) -> Path:
+    """Weights-only start from a converted checkpoint or a previous stage's run (any layout), or
+    from a Hugging Face folder (each rank reads its own slices, no conversion step)."""
+    if is_hf_folder(path):
+        load_hf_folder(models, path, model_cfg)
+        return Path(path)
     ckpt = resolve_checkpoint_dir(path)
     load_model(models, ckpt)
     return ckpt

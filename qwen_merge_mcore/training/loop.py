@@ -56,7 +56,8 @@ def run_training(cfg: ExperimentConfig, builder: Optional[ModelBuilder] = None,
     rank, world = dist.get_rank(), dist.get_world_size()
     microbatches = data_source.num_microbatches(cfg, dp)
     ckpt = Checkpointer(cfg.checkpoint.save, cfg.checkpoint.keep_last, cfg.checkpoint.async_save,
-                        checkpointing.find_hf_meta(cfg.checkpoint.pretrained, cfg.checkpoint.save))
+                        checkpointing.find_hf_meta(cfg.checkpoint.pretrained, cfg.checkpoint.save),
+                        save_hf=cfg.model if cfg.checkpoint.save_hf else None)
     resuming = cfg.checkpoint.save is not None and checkpointing.latest_iteration(cfg.checkpoint.save) is not None
 
     seed_everything(cfg.train.seed)
@@ -64,7 +65,7 @@ def run_training(cfg: ExperimentConfig, builder: Optional[ModelBuilder] = None,
     report = parameter_report(chunks)
     check_freeze(report, list(cfg.train.freeze))
     if cfg.checkpoint.pretrained and not resuming:  # before the engine copies params (fp32 main params)
-        source = checkpointing.load_weights(cfg.checkpoint.pretrained, chunks)
+        source = checkpointing.load_weights(cfg.checkpoint.pretrained, chunks, cfg.model)
     engine = build_engine(cfg, chunks)
     data = (make_data or data_source.build_data)(cfg, dp_rank, dp)
     total = data_source.train_iters(cfg, data, microbatches)
