@@ -206,6 +206,10 @@ class Checkpointer:
         if self.hf_meta is not None:
             shutil.copytree(self.hf_meta, tmp / HF_META)
         tmp.rename(final)
+        if self.hf_meta is not None:
+            # The next save copies from this, the newest checkpoint, which keep_last never prunes
+            # (the one this run started from may be pruned by then).
+            self.hf_meta = final / HF_META
         atomic_write_text(self.root / LATEST, f"{iteration}\n")
         done = sorted(p for p in self.root.glob("iter_*") if p.is_dir() and p.name[5:].isdigit())
         for old in done[: max(len(done) - self.keep_last, 0)]:

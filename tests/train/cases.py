@@ -37,7 +37,17 @@ def resume_and_checkpoint_cases(root: str, tp: int) -> dict:
     part = toy_config(tp=tp, checkpoint={"save": str(root / "part"), **ckpt}, train={"train_iters": 7})
     micro = part.train.global_batch_size // part.train.micro_batch_size // dist.get_world_size() * tp
     stopped = run_training(part, BUILDER, partial(_data, signal_after=4 * micro))
-    resumed = run_training(part, BUILDER, _data)
+    # As a run started from a converted checkpoint does, the checkpoints carry an hf_meta/. The
+    # resumed run saves more often than keep_last: the checkpoint it resumed from is pruned
+    # before its last save, which must still find an hf_meta to copy.
+    if dist.get_rank() == 0:
+        meta = checkpointing.iter_dir(root / "part", latest_iteration(root / "part")) / checkpointing.HF_META
+        meta.mkdir()
+        (meta / "config.json").write_text("{}")
+    dist.barrier()
+    resumed = run_training(toy_config(tp=tp, checkpoint={"save": str(root / "part"), "save_interval": 1,
+                                                         "keep_last": 2}, train={"train_iters": 7}), BUILDER, _data)
+    with_meta = sorted(p.parent.parent.name for p in (root / "part").glob(f"iter_*/{checkpointing.HF_META}/config.json"))
 
     real = checkpointing.save_dist_checkpoint
 
@@ -57,7 +67,7 @@ def resume_and_checkpoint_cases(root: str, tp: int) -> dict:
     dist.barrier()
     after_failure = (latest_iteration(root / "part"), _names(root / "part"))
     return {"full": full.losses, "stopped": stopped.losses, "interrupted": stopped.interrupted,
-            "resumed": resumed.losses, "resumed_from": resumed.first_iteration, "kept": kept,
+            "resumed": resumed.losses, "resumed_from": resumed.first_iteration, "kept": kept, "with_meta": with_meta,
             "failed": failed, "after_failure": after_failure}
 
 

@@ -36,6 +36,8 @@ def test_loss_goes_down(resume_tp2):
 def test_keep_last_and_atomic_save(resume_tp2):
     r = resume_tp2[0]
     assert r["kept"] == ["iter_0000006", "iter_0000007"]  # saves at 3, 6 and the end; keep_last=2
+    # Resumed at 4 and saved at 5, 6, 7 with keep_last=2: each carries hf_meta on.
+    assert r["with_meta"] == ["iter_0000006", "iter_0000007"], r["with_meta"]
     assert "killed mid-save" in r["failed"]
     latest, names = r["after_failure"]
     assert latest == 7  # the dead save at iteration 8 never became the latest
