@@ -35,6 +35,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from ..checkpoint.common import HF_META, load_model, load_model_chunk, load_sharded, model_state
 from ..checkpoint.cpu_compat import save_dist_checkpoint
 from ..utils.atomic import atomic_write_text
+from .errors import NonFiniteError
 
 LATEST = "latest_checkpointed_iteration.txt"
 
@@ -180,11 +181,12 @@ class Checkpointer:
         if final.exists():  # this iteration is already saved (a signal right after an interval save)
             return final
         self.wait()  # one save in flight at a time
+        engine.sync_params()  # the weights of this step on every rank (distributed optimizer)
+        self._check_finite(engine, iteration)
         if dist.get_rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         dist.barrier()
-        engine.sync_params()  # the weights of this step on every rank (distributed optimizer)
         state = _sharded_state(engine, data_state, is_loading=False)
         state.update(scheduler=scheduler.state_dict(), train_state=asdict(train_state), layout=_layout(),
                      **(extra or {}))
@@ -198,6 +200,20 @@ class Checkpointer:
             finalize()
             dist.barrier()
         return final
+
+    def _check_finite(self, engine, iteration: int) -> None:
+        """Refuse to save non-finite weights (every rank raises together), so that the latest
+        checkpoint is always one a run can continue from."""
+        bad = next((name for model in engine.unwrapped() for name, p in model.named_parameters()
+                    if not torch.isfinite(p).all()), None)
+        found = [None] * dist.get_world_size()
+        dist.all_gather_object(found, bad)
+        rank = next((r for r, name in enumerate(found) if name is not None), None)
+        if rank is not None:
+            latest = latest_iteration(self.root)
+            kept = f"the latest stays {iter_dir(self.root, latest)}" if latest is not None else "none was saved"
+            raise NonFiniteError(f"iteration {iteration}: the weights are not finite ({found[rank]} on rank {rank}), "
+                                 f"so they were not saved and {kept}; lower train.lr or check the steps before")
 
     def _publish(self, tmp: Path, final: Path, iteration: int) -> None:
         """Rank 0, after every rank wrote its shards: rename, point `latest` at it, prune."""

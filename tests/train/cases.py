@@ -11,7 +11,8 @@ import torch.distributed as dist
 
 from qwen_merge_mcore.training import checkpointing
 from qwen_merge_mcore.training.checkpointing import latest_iteration
-from qwen_merge_mcore.training.loop import NonFiniteLossError, run_training
+from qwen_merge_mcore.training.errors import NonFiniteError
+from qwen_merge_mcore.training.loop import run_training
 
 from qwen_merge_mcore.models.qwen_merge import build_model, freeze
 from qwen_merge_mcore.training.model_provider import ModelBuilder
@@ -152,8 +153,19 @@ def nan_cases(root: str) -> dict:
     try:
         run_training(cfg, ModelBuilder(build, BUILDER.freeze), _data)
         out["aborted"] = None
-    except NonFiniteLossError as err:
+    except NonFiniteError as err:
         out["aborted"] = str(err)
+    # lr=inf: finite loss and gradients, non-finite weights after the first update; the config
+    # refuses it at load (tests/test_config.py), this sets it past that check.
+    inf = toy_config(tp=dist.get_world_size(), checkpoint={"save": f"{root}/inf", "save_interval": 1},
+                     train={"train_iters": 2})
+    inf.train.lr = float("inf")
+    try:
+        run_training(inf, BUILDER, _data)
+        out["inf"] = None
+    except NonFiniteError as err:
+        out["inf"] = str(err)
+    out["inf_saved"] = (latest_iteration(f"{root}/inf"), _names(Path(root, "inf")))
     return out
 
 

@@ -59,6 +59,13 @@ def test_non_finite_steps_are_skipped_then_abort(results):
     assert "3 steps had a non-finite loss" in r["aborted"]
 
 
+def test_non_finite_weights_are_never_saved(results):
+    r = results["nan"]
+    assert r["inf"] and r["inf"].startswith("iteration 1: the weights are not finite"), r["inf"]
+    assert "none was saved" in r["inf"]
+    assert r["inf_saved"] == (None, []), r["inf_saved"]
+
+
 def _check_averaging(r):
     assert r["tokens"] == r["expected_tokens"]
     # Same float64 reduction of the same fp32 per-token losses: equal to rounding.
