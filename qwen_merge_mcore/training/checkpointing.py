@@ -18,9 +18,11 @@ layout is unchanged (a torch_dist model and optimizer reload at any layout).
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import random
 import shutil
 import signal
+import tempfile
 from multiprocessing.managers import SyncManager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,7 +36,10 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from ..checkpoint.common import HF_META, load_model, load_model_chunk, load_sharded, model_state
 from ..checkpoint.cpu_compat import save_dist_checkpoint
-from ..utils.atomic import atomic_write_text
+from ..config import ConfigError
+from ..config.schema import PARTS
+from ..dtypes import torch_dtype
+from ..utils.atomic import atomic_write_text, os_error_message
 from .errors import NonFiniteError
 
 LATEST = "latest_checkpointed_iteration.txt"
@@ -73,6 +78,39 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
         raise FileNotFoundError(f"{path} is neither a torch_dist checkpoint (no metadata.json) nor a run folder "
                                 f"with {LATEST}")
     return iter_dir(path, it)
+
+
+def checkpoint_bytes(cfg) -> int:
+    """About one checkpoint's size: every weight in `precision.params_dtype`, plus the optimizer's
+    fp32 state of the trainable ones (Adam's m and v; the GPU engine's distributed optimizer
+    also keeps fp32 master weights)."""
+    from ..perf.memory import MEGATRON_BF16, TORCH_FP32_ADAMW, parameter_counts
+    from .engine import select_engine
+
+    counts = parameter_counts(cfg.model)
+    trainable = sum(counts.part(p) for p in PARTS if p not in cfg.train.freeze)
+    policy = MEGATRON_BF16 if select_engine(cfg) == "gpu" else TORCH_FP32_ADAMW
+    return counts.total * torch_dtype(cfg.precision.params_dtype).itemsize + trainable * policy.optimizer_bytes
+
+
+def check_save_target(cfg) -> None:
+    """`checkpoint.save` is writable and has room for one more checkpoint, checked before the
+    model is built: otherwise a run trains until its first save and then loses that work."""
+    if not cfg.checkpoint.save:
+        return
+    root = Path(cfg.checkpoint.save)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write_test_", dir=root)
+        os.close(fd)
+        os.remove(probe)
+        free = shutil.disk_usage(root).free
+    except OSError as err:
+        raise ConfigError("checkpoint.save", f"cannot write there: {os_error_message(err)}") from None
+    need = checkpoint_bytes(cfg)
+    if free < need:
+        raise ConfigError("checkpoint.save", f"{root} has {free / 2**20:,.1f} MiB free; one checkpoint of this "
+                          f"model takes about {need / 2**20:,.1f} MiB")
 
 
 def _layout() -> dict[str, int]:

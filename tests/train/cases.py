@@ -35,6 +35,7 @@ def resume_and_checkpoint_cases(root: str, tp: int) -> dict:
     full = run_training(toy_config(tp=tp, checkpoint={"save": str(root / "full"), **ckpt},
                                    train={"train_iters": 7}), BUILDER, _data)
     kept = _names(root / "full")
+    written = sum(f.stat().st_size for f in (root / "full" / "iter_0000007").rglob("*") if f.is_file())
     part = toy_config(tp=tp, checkpoint={"save": str(root / "part"), **ckpt}, train={"train_iters": 7})
     micro = part.train.global_batch_size // part.train.micro_batch_size // dist.get_world_size() * tp
     stopped = run_training(part, BUILDER, partial(_data, signal_after=4 * micro))
@@ -69,6 +70,7 @@ def resume_and_checkpoint_cases(root: str, tp: int) -> dict:
     after_failure = (latest_iteration(root / "part"), _names(root / "part"))
     return {"full": full.losses, "stopped": stopped.losses, "interrupted": stopped.interrupted,
             "resumed": resumed.losses, "resumed_from": resumed.first_iteration, "kept": kept, "with_meta": with_meta,
+            "written": written,
             "failed": failed, "after_failure": after_failure}
 
 

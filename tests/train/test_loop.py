@@ -44,6 +44,16 @@ def test_keep_last_and_atomic_save(resume_tp2):
     assert "iter_0000008" not in names and ".tmp_iter_0000008" in names
 
 
+def test_checkpoint_size_estimate(resume_tp2):
+    """What `qmm train` checks free space against at start (from the parameter counts)."""
+    from qwen_merge_mcore.training.checkpointing import checkpoint_bytes
+
+    from .helpers import tiny_config
+
+    estimate = checkpoint_bytes(tiny_config(tp=2))
+    assert 0.9 < resume_tp2[0]["written"] / estimate < 1.1, (resume_tp2[0]["written"], estimate)
+
+
 def test_freezing_is_real(results):
     r = results["freeze"]
     assert r["stage1"] == {"vision_model": False, "projector": True, "language_model": False}
