@@ -34,8 +34,9 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-from ..checkpoint.common import HF_META, load_model, load_model_chunk, load_sharded, model_state
+from ..checkpoint.common import HF_META, load_model, load_model_chunk, load_sharded, model_state, verify_sizes
 from ..checkpoint.cpu_compat import save_dist_checkpoint
+from ..checkpoint.safetensors_io import CheckpointError
 from ..config import ConfigError
 from ..config.schema import PARTS
 from ..dtypes import torch_dtype
@@ -53,6 +54,11 @@ class TrainState:
 
 def iter_dir(root: str | Path, iteration: int) -> Path:
     return Path(root) / f"iter_{iteration:07d}"
+
+
+def saved_iterations(root: str | Path) -> list[int]:
+    """The iterations that have a checkpoint folder, oldest first."""
+    return sorted(int(p.name[5:]) for p in Path(root).glob("iter_*") if p.is_dir() and p.name[5:].isdigit())
 
 
 def latest_iteration(root: str | Path) -> Optional[int]:
@@ -265,9 +271,9 @@ class Checkpointer:
             # (the one this run started from may be pruned by then).
             self.hf_meta = final / HF_META
         atomic_write_text(self.root / LATEST, f"{iteration}\n")
-        done = sorted(p for p in self.root.glob("iter_*") if p.is_dir() and p.name[5:].isdigit())
+        done = saved_iterations(self.root)
         for old in done[: max(len(done) - self.keep_last, 0)]:
-            shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(iter_dir(self.root, old), ignore_errors=True)
         for stale in self.root.glob(".tmp_iter_*"):  # left by a save that was killed
             if stale != tmp:
                 shutil.rmtree(stale, ignore_errors=True)
@@ -288,7 +294,7 @@ class Checkpointer:
         iteration = latest_iteration(self.root)
         if iteration is None:
             return None
-        ckpt = iter_dir(self.root, iteration)
+        ckpt = iter_dir(self.root, self._intact(iteration))
         common = dist_checkpointing.load_common_state_dict(str(ckpt))
         same_layout = common["layout"] == _layout()
         template = _sharded_state(engine, None, is_loading=True, with_rank_state=same_layout)
@@ -304,6 +310,36 @@ class Checkpointer:
             print(f"[checkpoint] layout changed {common['layout']} -> {_layout()}: model and optimizer resharded, "
                   "RNG and data order start afresh", flush=True)
         return TrainState(**common["train_state"])
+
+    def _intact(self, latest: int) -> int:
+        """The newest checkpoint of this run, from `latest` down, whose files are all whole. Rank 0
+        decides, moves damaged ones aside (kept for a look, out of the next saves' way) and
+        points `latest` at the one chosen."""
+        choice = [None]
+        if dist.get_rank() == 0:
+            damaged = []
+            for it in reversed([it for it in saved_iterations(self.root) if it <= latest]):
+                try:
+                    verify_sizes(iter_dir(self.root, it))
+                except CheckpointError as err:
+                    damaged.append((it, str(err)))
+                    continue
+                choice[0] = it
+                break
+            if damaged and choice[0] is None:
+                choice[0] = f"no intact checkpoint in {self.root}: {damaged[0][1]}"
+            elif damaged:
+                for it, why in damaged:
+                    aside = iter_dir(self.root, it).with_suffix(".damaged")
+                    iter_dir(self.root, it).rename(aside)
+                    print(f"[checkpoint] {why}: moved aside to {aside.name}", flush=True)
+                atomic_write_text(self.root / LATEST, f"{choice[0]}\n")
+                print(f"[checkpoint] resuming from the newest intact checkpoint, {iter_dir(self.root, choice[0])}",
+                      flush=True)
+        dist.broadcast_object_list(choice, src=0)
+        if isinstance(choice[0], str):
+            raise CheckpointError(choice[0])
+        return choice[0]
 
 
 def load_weights(path: str | Path, models: list[torch.nn.Module]) -> Path:

@@ -3,12 +3,16 @@ Each runs several cases in one process group, to keep the suite within its time 
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
 from functools import partial
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from qwen_merge_mcore.checkpoint.safetensors_io import CheckpointError
 from qwen_merge_mcore.training import checkpointing
 from qwen_merge_mcore.training.checkpointing import latest_iteration
 from qwen_merge_mcore.training.errors import NonFiniteError
@@ -211,3 +215,33 @@ def averaging_case(tp: int) -> dict:
 def all_cases(root: str, tp: int) -> dict:
     return {"resume": resume_and_checkpoint_cases(f"{root}/resume", tp), "freeze": freeze_cases(f"{root}/freeze"),
             "nan": nan_cases(f"{root}/nan"), "averaging": averaging_case(tp)}
+
+
+def _truncate_one_shard(ckpt: Path) -> Path:
+    """Cut a .distcp file to half its length, as a full disk or a cut-short copy leaves it."""
+    shard = sorted(ckpt.glob("*.distcp"))[0]
+    if dist.get_rank() == 0:
+        os.truncate(shard, shard.stat().st_size // 2)
+    dist.barrier()
+    return shard
+
+
+def damaged_checkpoint_cases(root: str, tp: int) -> dict:
+    """A truncated .distcp in the latest checkpoint: the resume falls back to the newest intact
+    one and says so; a weights-only start from it names the file."""
+    root = Path(root)
+    ckpt = {"save": str(root / "run"), "save_interval": 2, "keep_last": 3}
+    run_training(toy_config(tp=tp, checkpoint=ckpt, train={"train_iters": 4}), BUILDER, _data)
+    shard = _truncate_one_shard(root / "run" / "iter_0000004")
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        resumed = run_training(toy_config(tp=tp, checkpoint=ckpt, train={"train_iters": 6}), BUILDER, _data)
+    out = {"shard": str(shard), "log": log.getvalue(), "resumed_from": resumed.first_iteration,
+           "after": (latest_iteration(root / "run"), _names(root / "run"))}
+    try:
+        run_training(toy_config(tp=tp, checkpoint={"pretrained": str(root / "run" / "iter_0000004.damaged")},
+                                train={"train_iters": 1}), BUILDER, _data)
+        out["pretrained"] = None
+    except CheckpointError as err:
+        out["pretrained"] = str(err)
+    return out
