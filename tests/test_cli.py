@@ -183,3 +183,11 @@ def test_known_third_party_warnings_become_one_line(tmp_path):
     assert "Warning" not in done.stderr, done.stderr
     notes = [line for line in done.stderr.splitlines() if line.startswith("qmm: note:")]
     assert len(notes) == 1 and "not installed" in notes[0] and "torch optimizers" in notes[0], done.stderr
+
+
+def test_training_stops_are_one_line():
+    """A run stopped for non-finite weights or losses reads as one line, not a traceback."""
+    from qwen_merge_mcore import cli
+    from qwen_merge_mcore.training.errors import NonFiniteError
+
+    assert cli.is_user_error(NonFiniteError("iteration 1: the weights are not finite"))

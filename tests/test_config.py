@@ -141,3 +141,15 @@ def test_vocab_padding():
     assert lang.vocab_size % lang.make_vocab_size_divisible_by != 0  # the fixture keeps this feature
     assert lang.padded_vocab_size(1) == 1024 and lang.padded_vocab_size(2) == 1024
     assert lang.padded_vocab_size(4) == 1024 and lang.padded_vocab_size(16) == 2048
+
+
+@pytest.mark.parametrize("override, reason", [
+    ("train.lr=inf", "must be a finite number"), ("train.lr=.inf", "must be a finite number"),
+    ("train.lr=nan", "must be a finite number"), ("train.min_lr=-inf", "must be a finite number"),
+    ("train.adam_eps=0", "must be > 0"), ("train.weight_decay=-0.1", "must be >= 0"),
+    ("train.adam_beta2=1.0", "must lie in [0, 1)"), ("train.lr=-1e-4", "must be > 0")])
+def test_non_finite_or_invalid_hyper_parameters_are_refused(override, reason):
+    """lr=inf once trained NaN weights, which the run saved as its latest checkpoint."""
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["model.preset=tiny", "train.train_iters=1", override])
+    assert info.value.key == override.split("=")[0] and reason in str(info.value), info.value

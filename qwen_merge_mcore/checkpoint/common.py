@@ -146,6 +146,30 @@ def stored_key(key: str, stored: Container[str]) -> str:
     return key
 
 
+def verify_sizes(ckpt_dir: str | Path) -> None:
+    """Every `.distcp` file is as long as the checkpoint's `.metadata` says (the end of its last
+    item); a CheckpointError naming the first short or missing file otherwise. A truncated file
+    (a full disk, a copy cut short) would fail deep inside the load with a bare EOFError."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    ckpt_dir = Path(ckpt_dir)
+    try:
+        metadata = FileSystemReader(str(ckpt_dir)).read_metadata()
+    except FileNotFoundError:
+        raise CheckpointError(f"{ckpt_dir / '.metadata'} is missing: not a complete torch_dist checkpoint") from None
+    except Exception as err:  # a cut-short pickle raises EOFError or UnpicklingError
+        raise CheckpointError(f"{ckpt_dir / '.metadata'} is damaged ({type(err).__name__}: {err})") from None
+    need: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(need.items()):
+        path = ckpt_dir / name
+        have = path.stat().st_size if path.is_file() else None
+        if have is None or have < size:
+            state = "missing" if have is None else f"truncated: {have:,} of {size:,} bytes"
+            raise CheckpointError(f"{path}: {state} (per {ckpt_dir / '.metadata'})")
+
+
 def load_sharded(template: dict, ckpt_dir: str | Path) -> dict:
     """`dist_checkpointing.load(template, ckpt_dir)` (collective) for checkpoints of any layout
     and age. Returns the loaded state dict; TE `_extra_state` entries the checkpoint lacks are
@@ -155,6 +179,7 @@ def load_sharded(template: dict, ckpt_dir: str | Path) -> dict:
     from megatron.core.dist_checkpointing.mapping import ShardedBase
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
+    verify_sizes(ckpt_dir)
     stored = dist_checkpointing.load_tensors_metadata(str(ckpt_dir))
     for item in nested_values(template):
         if isinstance(item, ShardedBase) and item.key not in stored:

@@ -256,7 +256,10 @@ class TrainConfig:
     engine: Literal["auto", "gpu", "cpu"] = "auto"
 
     def validate(self, prefix: str = "train") -> None:
-        _positive(self, prefix, "lr", "global_batch_size", "micro_batch_size")
+        _positive(self, prefix, "lr", "adam_eps", "global_batch_size", "micro_batch_size")
+        _require(self.weight_decay >= 0, f"{prefix}.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        for beta in ("adam_beta1", "adam_beta2"):
+            _require(0 <= getattr(self, beta) < 1, f"{prefix}.{beta}", f"must lie in [0, 1), got {getattr(self, beta)}")
         _require(0 <= self.min_lr <= self.lr, f"{prefix}.min_lr", f"must lie in [0, lr={self.lr}]")
         _require(0 <= self.lr_warmup_fraction < 1, f"{prefix}.lr_warmup_fraction", "must lie in [0, 1)")
         _require(self.clip_grad >= 0, f"{prefix}.clip_grad", "must be >= 0 (0 disables clipping)")

@@ -19,9 +19,11 @@ layout is unchanged (a torch_dist model and optimizer reload at any layout).
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import random
 import shutil
 import signal
+import tempfile
 from multiprocessing.managers import SyncManager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,12 +35,17 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-from ..checkpoint.common import HF_META, copy_hf_meta, is_hf_folder, load_model, load_model_chunk, load_sharded, model_state
+from ..checkpoint.common import (HF_META, copy_hf_meta, is_hf_folder, load_model, load_model_chunk, load_sharded,
+                                 model_state, verify_sizes)
 from ..checkpoint.cpu_compat import save_dist_checkpoint
 from ..checkpoint.hf_export import export_hf
 from ..checkpoint.hf_source import load_hf_folder
-from ..config import ModelConfig
-from ..utils.atomic import atomic_write_text
+from ..checkpoint.safetensors_io import CheckpointError
+from ..config import ConfigError, ModelConfig
+from ..config.schema import PARTS
+from ..dtypes import torch_dtype
+from ..utils.atomic import atomic_write_text, os_error_message
+from .errors import NonFiniteError
 
 LATEST = "latest_checkpointed_iteration.txt"
 HF_DIR = "hf"  # checkpoint.save_hf's folder inside each checkpoint
@@ -52,6 +59,11 @@ class TrainState:
 
 def iter_dir(root: str | Path, iteration: int) -> Path:
     return Path(root) / f"iter_{iteration:07d}"
+
+
+def saved_iterations(root: str | Path) -> list[int]:
+    """The iterations that have a checkpoint folder, oldest first."""
+    return sorted(int(p.name[5:]) for p in Path(root).glob("iter_*") if p.is_dir() and p.name[5:].isdigit())
 
 
 def latest_iteration(root: str | Path) -> Optional[int]:
@@ -79,6 +91,39 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
             "Face folder (config.json and *.safetensors)")
         raise FileNotFoundError(f"{path} {what}")
     return iter_dir(path, it)
+
+
+def checkpoint_bytes(cfg) -> int:
+    """About one checkpoint's size: every weight in `precision.params_dtype`, plus the optimizer's
+    fp32 state of the trainable ones (Adam's m and v; the GPU engine's distributed optimizer
+    also keeps fp32 master weights)."""
+    from ..perf.memory import MEGATRON_BF16, TORCH_FP32_ADAMW, parameter_counts
+    from .engine import select_engine
+
+    counts = parameter_counts(cfg.model)
+    trainable = sum(counts.part(p) for p in PARTS if p not in cfg.train.freeze)
+    policy = MEGATRON_BF16 if select_engine(cfg) == "gpu" else TORCH_FP32_ADAMW
+    return counts.total * torch_dtype(cfg.precision.params_dtype).itemsize + trainable * policy.optimizer_bytes
+
+
+def check_save_target(cfg) -> None:
+    """`checkpoint.save` is writable and has room for one more checkpoint, checked before the
+    model is built: otherwise a run trains until its first save and then loses that work."""
+    if not cfg.checkpoint.save:
+        return
+    root = Path(cfg.checkpoint.save)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write_test_", dir=root)
+        os.close(fd)
+        os.remove(probe)
+        free = shutil.disk_usage(root).free
+    except OSError as err:
+        raise ConfigError("checkpoint.save", f"cannot write there: {os_error_message(err)}") from None
+    need = checkpoint_bytes(cfg)
+    if free < need:
+        raise ConfigError("checkpoint.save", f"{root} has {free / 2**20:,.1f} MiB free; one checkpoint of this "
+                          f"model takes about {need / 2**20:,.1f} MiB")
 
 
 def _layout() -> dict[str, int]:
@@ -195,11 +240,12 @@ class Checkpointer:
         if final.exists():  # this iteration is already saved (a signal right after an interval save)
             return final
         self.wait()  # one save in flight at a time
+        engine.sync_params()  # the weights of this step on every rank (distributed optimizer)
+        self._check_finite(engine, iteration)
         if dist.get_rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         dist.barrier()
-        engine.sync_params()  # the weights of this step on every rank (distributed optimizer)
         state = _sharded_state(engine, data_state, is_loading=False)
         state.update(scheduler=scheduler.state_dict(), train_state=asdict(train_state), layout=_layout(),
                      **(extra or {}))
@@ -216,6 +262,20 @@ class Checkpointer:
             dist.barrier()
         return final
 
+    def _check_finite(self, engine, iteration: int) -> None:
+        """Refuse to save non-finite weights (every rank raises together), so that the latest
+        checkpoint is always one a run can continue from."""
+        bad = next((name for model in engine.unwrapped() for name, p in model.named_parameters()
+                    if not torch.isfinite(p).all()), None)
+        found = [None] * dist.get_world_size()
+        dist.all_gather_object(found, bad)
+        rank = next((r for r, name in enumerate(found) if name is not None), None)
+        if rank is not None:
+            latest = latest_iteration(self.root)
+            kept = f"the latest stays {iter_dir(self.root, latest)}" if latest is not None else "none was saved"
+            raise NonFiniteError(f"iteration {iteration}: the weights are not finite ({found[rank]} on rank {rank}), "
+                                 f"so they were not saved and {kept}; lower train.lr or check the steps before")
+
     def _publish(self, tmp: Path, final: Path, iteration: int) -> None:
         """Rank 0, after every rank wrote its shards: rename, point `latest` at it, prune."""
         if dist.get_rank() != 0:
@@ -223,10 +283,14 @@ class Checkpointer:
         if self.hf_meta is not None:
             copy_hf_meta(self.hf_meta, tmp / HF_META)  # an hf_meta/ or an HF folder (no weights)
         tmp.rename(final)
+        if self.hf_meta is not None:
+            # The next save copies from this, the newest checkpoint, which keep_last never prunes
+            # (the one this run started from may be pruned by then).
+            self.hf_meta = final / HF_META
         atomic_write_text(self.root / LATEST, f"{iteration}\n")
-        done = sorted(p for p in self.root.glob("iter_*") if p.is_dir() and p.name[5:].isdigit())
+        done = saved_iterations(self.root)
         for old in done[: max(len(done) - self.keep_last, 0)]:
-            shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(iter_dir(self.root, old), ignore_errors=True)
         for stale in self.root.glob(".tmp_iter_*"):  # left by a save that was killed
             if stale != tmp:
                 shutil.rmtree(stale, ignore_errors=True)
@@ -247,7 +311,7 @@ class Checkpointer:
         iteration = latest_iteration(self.root)
         if iteration is None:
             return None
-        ckpt = iter_dir(self.root, iteration)
+        ckpt = iter_dir(self.root, self._intact(iteration))
         common = dist_checkpointing.load_common_state_dict(str(ckpt))
         same_layout = common["layout"] == _layout()
         template = _sharded_state(engine, None, is_loading=True, with_rank_state=same_layout)
@@ -263,6 +327,36 @@ class Checkpointer:
             print(f"[checkpoint] layout changed {common['layout']} -> {_layout()}: model and optimizer resharded, "
                   "RNG and data order start afresh", flush=True)
         return TrainState(**common["train_state"])
+
+    def _intact(self, latest: int) -> int:
+        """The newest checkpoint of this run, from `latest` down, whose files are all whole. Rank 0
+        decides, moves damaged ones aside (kept for a look, out of the next saves' way) and
+        points `latest` at the one chosen."""
+        choice = [None]
+        if dist.get_rank() == 0:
+            damaged = []
+            for it in reversed([it for it in saved_iterations(self.root) if it <= latest]):
+                try:
+                    verify_sizes(iter_dir(self.root, it))
+                except CheckpointError as err:
+                    damaged.append((it, str(err)))
+                    continue
+                choice[0] = it
+                break
+            if damaged and choice[0] is None:
+                choice[0] = f"no intact checkpoint in {self.root}: {damaged[0][1]}"
+            elif damaged:
+                for it, why in damaged:
+                    aside = iter_dir(self.root, it).with_suffix(".damaged")
+                    iter_dir(self.root, it).rename(aside)
+                    print(f"[checkpoint] {why}: moved aside to {aside.name}", flush=True)
+                atomic_write_text(self.root / LATEST, f"{choice[0]}\n")
+                print(f"[checkpoint] resuming from the newest intact checkpoint, {iter_dir(self.root, choice[0])}",
+                      flush=True)
+        dist.broadcast_object_list(choice, src=0)
+        if isinstance(choice[0], str):
+            raise CheckpointError(choice[0])
+        return choice[0]
 
 
 def load_weights(path: str | Path, models: list[torch.nn.Module], model_cfg: ModelConfig) -> Path:

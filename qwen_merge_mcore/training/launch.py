@@ -11,11 +11,13 @@ def train_main(cfg: ExperimentConfig) -> int:
     """0 when the stage finished; EXIT_INTERRUPTED (75) when a signal stopped it after a checkpoint."""
     from .. import distributed
     from ..data.check import check_sources
+    from .checkpointing import check_save_target
     from .data_source import tokenizer_dir
     from .loop import run_training
 
     check_launch(cfg)
     check_sources(cfg.data, tokenizer_dir(cfg))  # before any model is built
+    check_save_target(cfg)
     distributed.initialize(cfg.parallel, seed=cfg.train.seed)
     try:
         summary = run_training(cfg)

@@ -16,6 +16,7 @@ from ..perf.flops import BatchStats, step_flops
 from . import checkpointing, data_source
 from .checkpointing import Checkpointer, TrainState
 from .engine import build_engine
+from .errors import NonFiniteError
 from .model_provider import ModelBuilder, build_chunks, check_freeze, format_report, parameter_report
 from .observability import StepLogger, Summary
 from .optim import build_scheduler
@@ -30,10 +31,6 @@ def _flops(cfg: ExperimentConfig, batches) -> float:
     """Model FLOPs of this rank's micro-batches (the planner's count, ViT included; no recompute)."""
     return sum(step_flops(cfg.model, BatchStats.from_batch(b), freeze=cfg.train.freeze,
                           tensor_parallel_size=cfg.parallel.tensor_model_parallel_size) for b in batches)
-
-
-class NonFiniteLossError(RuntimeError):
-    pass
 
 
 def seed_everything(seed: int) -> None:
@@ -94,7 +91,7 @@ def run_training(cfg: ExperimentConfig, builder: Optional[ModelBuilder] = None,
             if result.skipped:
                 state.nan_steps += 1
                 if state.nan_steps > cfg.train.max_nan_steps:
-                    raise NonFiniteLossError(f"{state.nan_steps} steps had a non-finite loss or gradient norm "
+                    raise NonFiniteError(f"{state.nan_steps} steps had a non-finite loss or gradient norm "
                                              f"(limit train.max_nan_steps={cfg.train.max_nan_steps}); last at "
                                              f"iteration {state.iteration}: loss {result.loss}, "
                                              f"grad norm {result.grad_norm}")

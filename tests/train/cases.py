@@ -3,15 +3,20 @@ Each runs several cases in one process group, to keep the suite within its time 
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
 from functools import partial
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from qwen_merge_mcore.checkpoint.safetensors_io import CheckpointError
 from qwen_merge_mcore.training import checkpointing
 from qwen_merge_mcore.training.checkpointing import latest_iteration
-from qwen_merge_mcore.training.loop import NonFiniteLossError, run_training
+from qwen_merge_mcore.training.errors import NonFiniteError
+from qwen_merge_mcore.training.loop import run_training
 
 from qwen_merge_mcore.models.qwen_merge import build_model, freeze
 from qwen_merge_mcore.training.model_provider import ModelBuilder
@@ -34,10 +39,21 @@ def resume_and_checkpoint_cases(root: str, tp: int) -> dict:
     full = run_training(toy_config(tp=tp, checkpoint={"save": str(root / "full"), **ckpt},
                                    train={"train_iters": 7}), BUILDER, _data)
     kept = _names(root / "full")
+    written = sum(f.stat().st_size for f in (root / "full" / "iter_0000007").rglob("*") if f.is_file())
     part = toy_config(tp=tp, checkpoint={"save": str(root / "part"), **ckpt}, train={"train_iters": 7})
     micro = part.train.global_batch_size // part.train.micro_batch_size // dist.get_world_size() * tp
     stopped = run_training(part, BUILDER, partial(_data, signal_after=4 * micro))
-    resumed = run_training(part, BUILDER, _data)
+    # As a run started from a converted checkpoint does, the checkpoints carry an hf_meta/. The
+    # resumed run saves more often than keep_last: the checkpoint it resumed from is pruned
+    # before its last save, which must still find an hf_meta to copy.
+    if dist.get_rank() == 0:
+        meta = checkpointing.iter_dir(root / "part", latest_iteration(root / "part")) / checkpointing.HF_META
+        meta.mkdir()
+        (meta / "config.json").write_text("{}")
+    dist.barrier()
+    resumed = run_training(toy_config(tp=tp, checkpoint={"save": str(root / "part"), "save_interval": 1,
+                                                         "keep_last": 2}, train={"train_iters": 7}), BUILDER, _data)
+    with_meta = sorted(p.parent.parent.name for p in (root / "part").glob(f"iter_*/{checkpointing.HF_META}/config.json"))
 
     real = checkpointing.save_dist_checkpoint
 
@@ -57,7 +73,8 @@ def resume_and_checkpoint_cases(root: str, tp: int) -> dict:
     dist.barrier()
     after_failure = (latest_iteration(root / "part"), _names(root / "part"))
     return {"full": full.losses, "stopped": stopped.losses, "interrupted": stopped.interrupted,
-            "resumed": resumed.losses, "resumed_from": resumed.first_iteration, "kept": kept,
+            "resumed": resumed.losses, "resumed_from": resumed.first_iteration, "kept": kept, "with_meta": with_meta,
+            "written": written,
             "failed": failed, "after_failure": after_failure}
 
 
@@ -142,8 +159,19 @@ def nan_cases(root: str) -> dict:
     try:
         run_training(cfg, ModelBuilder(build, BUILDER.freeze), _data)
         out["aborted"] = None
-    except NonFiniteLossError as err:
+    except NonFiniteError as err:
         out["aborted"] = str(err)
+    # lr=inf: finite loss and gradients, non-finite weights after the first update; the config
+    # refuses it at load (tests/test_config.py), this sets it past that check.
+    inf = toy_config(tp=dist.get_world_size(), checkpoint={"save": f"{root}/inf", "save_interval": 1},
+                     train={"train_iters": 2})
+    inf.train.lr = float("inf")
+    try:
+        run_training(inf, BUILDER, _data)
+        out["inf"] = None
+    except NonFiniteError as err:
+        out["inf"] = str(err)
+    out["inf_saved"] = (latest_iteration(f"{root}/inf"), _names(Path(root, "inf")))
     return out
 
 
@@ -187,3 +215,33 @@ def averaging_case(tp: int) -> dict:
 def all_cases(root: str, tp: int) -> dict:
     return {"resume": resume_and_checkpoint_cases(f"{root}/resume", tp), "freeze": freeze_cases(f"{root}/freeze"),
             "nan": nan_cases(f"{root}/nan"), "averaging": averaging_case(tp)}
+
+
+def _truncate_one_shard(ckpt: Path) -> Path:
+    """Cut a .distcp file to half its length, as a full disk or a cut-short copy leaves it."""
+    shard = sorted(ckpt.glob("*.distcp"))[0]
+    if dist.get_rank() == 0:
+        os.truncate(shard, shard.stat().st_size // 2)
+    dist.barrier()
+    return shard
+
+
+def damaged_checkpoint_cases(root: str, tp: int) -> dict:
+    """A truncated .distcp in the latest checkpoint: the resume falls back to the newest intact
+    one and says so; a weights-only start from it names the file."""
+    root = Path(root)
+    ckpt = {"save": str(root / "run"), "save_interval": 2, "keep_last": 3}
+    run_training(toy_config(tp=tp, checkpoint=ckpt, train={"train_iters": 4}), BUILDER, _data)
+    shard = _truncate_one_shard(root / "run" / "iter_0000004")
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        resumed = run_training(toy_config(tp=tp, checkpoint=ckpt, train={"train_iters": 6}), BUILDER, _data)
+    out = {"shard": str(shard), "log": log.getvalue(), "resumed_from": resumed.first_iteration,
+           "after": (latest_iteration(root / "run"), _names(root / "run"))}
+    try:
+        run_training(toy_config(tp=tp, checkpoint={"pretrained": str(root / "run" / "iter_0000004.damaged")},
+                                train={"train_iters": 1}), BUILDER, _data)
+        out["pretrained"] = None
+    except CheckpointError as err:
+        out["pretrained"] = str(err)
+    return out

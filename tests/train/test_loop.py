@@ -36,10 +36,22 @@ def test_loss_goes_down(resume_tp2):
 def test_keep_last_and_atomic_save(resume_tp2):
     r = resume_tp2[0]
     assert r["kept"] == ["iter_0000006", "iter_0000007"]  # saves at 3, 6 and the end; keep_last=2
+    # Resumed at 4 and saved at 5, 6, 7 with keep_last=2: each carries hf_meta on.
+    assert r["with_meta"] == ["iter_0000006", "iter_0000007"], r["with_meta"]
     assert "killed mid-save" in r["failed"]
     latest, names = r["after_failure"]
     assert latest == 7  # the dead save at iteration 8 never became the latest
     assert "iter_0000008" not in names and ".tmp_iter_0000008" in names
+
+
+def test_checkpoint_size_estimate(resume_tp2):
+    """What `qmm train` checks free space against at start (from the parameter counts)."""
+    from qwen_merge_mcore.training.checkpointing import checkpoint_bytes
+
+    from .helpers import tiny_config
+
+    estimate = checkpoint_bytes(tiny_config(tp=2))
+    assert 0.9 < resume_tp2[0]["written"] / estimate < 1.1, (resume_tp2[0]["written"], estimate)
 
 
 def test_freezing_is_real(results):
@@ -55,6 +67,13 @@ def test_non_finite_steps_are_skipped_then_abort(results):
     assert r["nan_steps"] == 2
     assert [math.isnan(x) for x in r["losses"]] == [False, True, True, False]
     assert "3 steps had a non-finite loss" in r["aborted"]
+
+
+def test_non_finite_weights_are_never_saved(results):
+    r = results["nan"]
+    assert r["inf"] and r["inf"].startswith("iteration 1: the weights are not finite"), r["inf"]
+    assert "none was saved" in r["inf"]
+    assert r["inf_saved"] == (None, []), r["inf_saved"]
 
 
 def _check_averaging(r):
