@@ -108,8 +108,9 @@ qmm plan --preset qwen-merge-72bvit-32b --gpus 256 --write-override work/plan.ya
 `train.micro_batch_size/global_batch_size/recompute_*`, `data.seq_length`, `precision.fp8`)
 with the key names of `config/schema.py`; `load_config(path, ["train.train_iters=..."])` or
 merging it into a stage config gives a runnable training config. `--tp/--pp/--vpp/--cp/--mbs/
---first-stage-layers/--recompute` pin parts of the layout; a pinned layout that cannot run is
-refused with the rule it breaks (e.g. `TP=8 does not divide model.vision.intermediate_size=3420`).
+--first-stage-layers/--recompute/--vision` pin parts of the layout; a pinned layout that cannot run
+is refused with the rule it breaks (e.g. `--tp 8 --vision sharded`: `8 does not divide
+model.vision.intermediate_size=3420`).
 
 ## Workload of the tables
 
@@ -133,9 +134,10 @@ is the GiB left of the {mem_gib:.1f} GiB CUDA reports after the estimate.
 {tables}
 ### Reading the tables
 
-- TP stops at 4 for every 72B-ViT variant: the ViT's MLP width 3420 is not divisible by 8 and
-  the Megatron ViT splits it over the same TP group (`validate_layout` refuses TP=8). Padding
-  the ViT MLP to 3424, or a separate ViT TP size, would open TP=8 for the 32B variant.
+- A sharded ViT stops TP at 4 for every 72B-ViT variant: its MLP width 3420 is not divisible by
+  8. The frozen ViT replicated on every TP rank (`model.vision.parallel: replicated`, marked
+  `ViT-replicated` in the layouts) opens TP=8: each rank encodes whole images, no ViT GEMM is
+  split, for 0.6B x 2 B = 1.2 GB of ViT weights per first-stage GPU (vs 0.3 GB at TP4).
 - The ViT forward is cheap next to the LLM (frozen, forward only, about 3-4% of a step's
   FLOPs at one image per 2048 tokens), so the first pipeline stage rarely needs fewer decoder
   layers; with a trained ViT or many images per sample, `first_stage_layers` balances it.
@@ -168,7 +170,9 @@ Per pipeline rank, per micro-batch (forward + backward):
 - **Memory-bound work** (norms, residual adds, rotary, SwiGLU, FP8 casts): elements touched per
   token x `elementwise_bytes` / (HBM bandwidth x `hbm_efficiency`).
 - **TP** (sequence parallel): 4 all-gather/reduce-scatter per layer per pass on NVLink, share
-  `overlapped_comm_exposed` exposed (TE userbuffer overlap); the ViT all-reduces twice per block.
+  `overlapped_comm_exposed` exposed (TE userbuffer overlap); a sharded ViT all-reduces twice per
+  block. A replicated ViT: each TP rank encodes ceil(images / TP) whole images of the
+  micro-batch with unsplit GEMMs, then one all-gather of the ViT features.
 - **CP**: ring exchange of K/V (and dK/dV) on NVLink within a node, InfiniBand beyond; only
   what exceeds the attention it overlaps is exposed. The ViT runs whole on every CP rank.
 - **PP**: one activation send per virtual stage boundary and pass, `overlapped_comm_exposed`
@@ -191,7 +195,9 @@ Memory per GPU (the worst pipeline rank):
   (1F1B), plus (PP-1)/VPP when interleaved. Full recompute keeps only each layer's input plus
   one layer's working set. Selective (core-attention) recompute saves nothing with fused
   attention, so the planner tries none and full. Frozen ViT: one block's working set only;
-  trained ViT: all blocks for the in-flight micro-batches. Last rank: bf16 logits + fp32 copy.
+  trained ViT: all blocks for the in-flight micro-batches. A replicated (frozen) ViT: its full
+  bf16 weights on every first-stage GPU, no gradients or optimizer state, one unsplit block's
+  working set for this rank's images. Last rank: bf16 logits + fp32 copy.
 - Communication buffers (TE userbuffers, p2p tensors) and a fixed overhead (CUDA context,
   NCCL, workspaces), plus `fragmentation` of the activations.
 

@@ -32,6 +32,8 @@ def add_arguments(p) -> None:
     p.add_argument("--first-stage-layers", type=int, help="fix the decoder layers on the first stage")
     p.add_argument("--recompute", choices=["none", "selective", "full"],
                    help="fix the recomputation (default: try none and full)")
+    p.add_argument("--vision", choices=["sharded", "replicated"],
+                   help="fix the ViT placement (model.vision.parallel; default: both when the ViT is frozen)")
     p.add_argument("--top", type=int, default=10, help="layouts to show (default 10)")
     p.add_argument("--json", action="store_true", help="print a JSON document instead of the table")
     p.add_argument("--write-override", metavar="FILE",
@@ -71,7 +73,7 @@ def run(args) -> int:
                         sample_length=min(args.sample_length, args.seq_length), image_grids_per_sample=grids,
                         freeze=tuple(args.freeze), fp8=args.fp8)
     choice = LayoutChoice(tp=args.tp, pp=args.pp, vpp=args.vpp, cp=args.cp, micro_batch=args.mbs,
-                          first_stage_layers=args.first_stage_layers, recompute=args.recompute)
+                          first_stage_layers=args.first_stage_layers, recompute=args.recompute, vision=args.vision)
     cost = CostModel()
     result = plan(target, workload, args.gpus, gpu_spec(args.gpu), choice, cost)
     if args.write_override:

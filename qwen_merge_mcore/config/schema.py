@@ -46,6 +46,10 @@ class VisionConfig:
     tokens_per_second: int = 2
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
+    # sharded: the ViT's GEMMs split over tensor parallelism like the LLM's. replicated: a frozen
+    # ViT lives whole on every TP rank of the first stage, each rank encodes a share of the images
+    # (no tiny split GEMMs, and TP need not divide its heads or MLP width).
+    parallel: Literal["sharded", "replicated"] = "sharded"
 
     def validate(self, prefix: str = "model.vision") -> None:
         _positive(self, prefix, "depth", "hidden_size", "num_heads", "intermediate_size", "patch_size",
@@ -375,6 +379,10 @@ class ExperimentConfig:
         for section in ("model", "parallel", "precision", "train", "data", "checkpoint", "logging"):
             getattr(self, section).validate()
         validate_layout(self.model, self.parallel)
+        if self.model.has_vision and self.model.vision.parallel == "replicated":
+            _require("vision" in self.train.freeze, "model.vision.parallel",
+                     "replicated needs the ViT frozen (train.freeze lists 'vision'): each TP rank encodes "
+                     "different images, so ViT gradients would not be reduced")
         # The planner models CP layouts (its references use them); training does not run them.
         _require(self.parallel.context_parallel_size == 1, "parallel.context_parallel_size",
                  f"context parallelism is not implemented (nothing splits a packed sequence's tokens per CP "
@@ -404,9 +412,12 @@ def validate_layout(model: ModelConfig, parallel: ParallelConfig) -> None:
     _require(lang.ffn_hidden_size % tp == 0, key,
              f"{tp} does not divide model.language.ffn_hidden_size={lang.ffn_hidden_size}")
     if model.has_vision:
+        # Also for a replicated ViT: the projector shares its TransformerConfig at the real TP.
         _require(vis.num_heads % tp == 0, key, f"{tp} does not divide model.vision.num_heads={vis.num_heads}")
+    if model.has_vision and vis.parallel == "sharded":
         _require(vis.intermediate_size % tp == 0, key,
-                 f"{tp} does not divide model.vision.intermediate_size={vis.intermediate_size} (ViT MLP width)")
+                 f"{tp} does not divide model.vision.intermediate_size={vis.intermediate_size} (ViT MLP width; "
+                 "a frozen ViT can use model.vision.parallel: replicated)")
     pp = parallel.pipeline_model_parallel_size
     vpp = parallel.virtual_pipeline_model_parallel_size or 1
     layers = lang.num_layers

@@ -11,6 +11,13 @@ counted in merged units) is contiguous; window blocks attend within their window
 given by cumulative sequence lengths. The rotary angles are 2D (h, w) per patch, so they
 follow the patches through the reordering. All index bookkeeping here mirrors transformers'
 `Qwen2_5_VisionTransformerPretrainedModel` (get_window_index & co) exactly.
+
+`model.vision.parallel: replicated` (frozen ViT only): the Megatron layers are built over a
+tensor-parallel group of this rank alone, so every TP rank of the first stage holds the whole
+ViT and no GEMM is split; each rank encodes a patch-balanced share of the images and the
+features are all-gathered over the real TP group in image order. The checkpoint layout is
+unchanged (full-shape shards, the real TP rank in the replica id), so either mode loads the
+other's checkpoints at any TP.
 """
 
 from __future__ import annotations
@@ -19,10 +26,15 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedBase
 from megatron.core.enums import Fp8Recipe
 from megatron.core.fp8_utils import get_fp8_context
 from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -38,16 +50,19 @@ _PAD = -100
 
 
 def vision_transformer_config(vision: VisionConfig, parallel: ParallelConfig,
-                              precision: PrecisionConfig) -> TransformerConfig:
+                              precision: PrecisionConfig, replicated: bool = False) -> TransformerConfig:
     """The Qwen2.5-VL ViT blocks: RMSNorm, SwiGLU MLP with biases, fused qkv with bias.
 
     The ViT lives whole on the first pipeline stage (pipeline size 1 here, or TransformerBlock
-    would split its layers across stages) and runs without sequence or context parallelism.
+    would split its layers across stages) and runs without sequence or context parallelism;
+    `replicated`: without tensor parallelism either (the projector keeps the real TP).
     FP8 only with `precision.fp8_vision` (and FP8-aligned widths).
     """
     kwargs = common_config_kwargs(parallel, precision)
     kwargs.update(pipeline_model_parallel_size=1, virtual_pipeline_model_parallel_size=None,
                   context_parallel_size=1, sequence_parallel=False)
+    if replicated:
+        kwargs.update(tensor_model_parallel_size=1)
     return TransformerConfig(
         num_layers=vision.depth,
         hidden_size=vision.hidden_size,
@@ -180,25 +195,99 @@ class PatchEmbed(torch.nn.Module):
         return self.proj(pixel_values.to(self.proj.weight.dtype))
 
 
+_SOLO_GROUPS: dict[int, dist.ProcessGroup] = {}
+
+
+def solo_process_groups() -> ProcessGroupCollection:
+    """Megatron's process groups with tensor parallelism over this rank alone (created once per
+    process; only this rank takes part, so ranks without a ViT never have to join)."""
+    rank = dist.get_rank()
+    if rank not in _SOLO_GROUPS:
+        _SOLO_GROUPS[rank] = dist.new_group([rank], use_local_synchronization=True)
+    groups = ProcessGroupCollection.use_mpu_process_groups()
+    groups.tp = groups.tp_cp = _SOLO_GROUPS[rank]
+    return groups
+
+
+def balance_images(patches: list[int], ranks: int) -> list[int]:
+    """The rank that encodes each image: largest first onto the least-loaded rank (by patches),
+    ties to the lower index; the same answer on every rank."""
+    loads, owner = [0] * ranks, [0] * len(patches)
+    for i in sorted(range(len(patches)), key=lambda i: (-patches[i], i)):
+        owner[i] = min(range(ranks), key=lambda r: (loads[r], r))
+        loads[owner[i]] += patches[i]
+    return owner
+
+
 class QwenVisionModel(MegatronModule):
     """Patch embedding, 2D rope, window/full attention blocks; no final norm (the projector has ln_q)."""
 
     def __init__(self, vision: VisionConfig, parallel: ParallelConfig, precision: PrecisionConfig, backend: str):
-        config = vision_transformer_config(vision, parallel, precision)
+        self.replicated = vision.parallel == "replicated"
+        config = vision_transformer_config(vision, parallel, precision, replicated=self.replicated)
         super().__init__(config=config)
         self.vision = vision
         self.backend = resolve_backend(backend)
         self.qkv_format = "thd" if self.backend == "te" else "sbhd"
         self.patch_embed = PatchEmbed(config, vision)
         self.rotary = VisionRotaryEmbedding(vision.head_dim, vision.rope_theta)
+        groups = solo_process_groups() if self.replicated and dist.is_initialized() else None
         self.decoder = TransformerBlock(
             config, transformer_layer_spec(self.backend, qk_layernorm=False, causal=False),
-            post_layer_norm=False)
+            post_layer_norm=False, pg_collection=groups)
         self.fullatt = frozenset(vision.fullatt_block_indexes)
+        if self.replicated:
+            # Copies on every TP rank: counted once (parameter report, grad norms), like a norm.
+            for p in self.parameters():
+                p.tensor_model_parallel = False
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """[N, C*T*P*P] patches of all images + grid_thw [n, 3] -> [N, hidden] in the input order."""
         check_vision_input(pixel_values, grid_thw, self.vision)
+        tp = parallel_state.get_tensor_model_parallel_world_size() if dist.is_initialized() else 1
+        if self.replicated and tp > 1:
+            return self._encode_shared(pixel_values, grid_thw, tp)
+        return self._encode(pixel_values, grid_thw)
+
+    @torch.no_grad()
+    def _encode_shared(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, tp: int) -> torch.Tensor:
+        """This TP rank encodes its share of the images; all-gather (padded to the largest share)
+        and put every image's rows back in place. Frozen ViT: no autograd through the gather."""
+        group = parallel_state.get_tensor_model_parallel_group()
+        rank = parallel_state.get_tensor_model_parallel_rank()
+        patches = grid_thw.prod(-1).tolist()
+        owner = balance_images(patches, tp)
+        starts = [0]
+        for n in patches:
+            starts.append(starts[-1] + n)
+        mine = [i for i in range(len(patches)) if owner[i] == rank]
+        dtype = self.patch_embed.proj.weight.dtype
+        local = (self._encode(torch.cat([pixel_values[starts[i]:starts[i + 1]] for i in mine]), grid_thw[mine])
+                 if mine else pixel_values.new_zeros(0, self.vision.hidden_size, dtype=dtype))
+        share = [sum(n for n, o in zip(patches, owner) if o == r) for r in range(tp)]
+        padded = F.pad(local, (0, 0, 0, max(share) - local.shape[0]))
+        gathered = [torch.empty_like(padded) for _ in range(tp)]
+        dist.all_gather(gathered, padded, group=group)
+        out = padded.new_empty(starts[-1], self.vision.hidden_size)
+        taken = [0] * tp
+        for i, r in enumerate(owner):
+            out[starts[i]:starts[i + 1]] = gathered[r][taken[r]:taken[r] + patches[i]]
+            taken[r] += patches[i]
+        return out
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
+        """Megatron's, with the real TP rank in the replicated ViT's replica ids: its full-shape
+        shards match the sharded layout's global tensors, and only TP rank 0 writes them."""
+        state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        if self.replicated and dist.is_initialized():
+            rank = parallel_state.get_tensor_model_parallel_rank()
+            for item in nested_values(state):
+                if isinstance(item, ShardedBase):
+                    replica = item.replica_id if isinstance(item.replica_id, tuple) else (item.replica_id, 0, 0)
+                    item.replica_id = (replica[0], rank, *replica[2:])
+        return state
+
+    def _encode(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         device = pixel_values.device
         layout = vision_layout(grid_thw, self.vision, device)
         unit = self.vision.spatial_merge_size ** 2

@@ -87,15 +87,16 @@ def decoder_layer_parameters(lang: LanguageConfig, tp: int = 1) -> int:
 
 def parameter_counts(model: ModelConfig, tensor_parallel_size: int = 1, padded: bool = True,
                      text_only: bool = False) -> ParamCounts:
-    """Per-TP-rank parameter counts; at TP=1 with `padded` the Megatron model's totals, with
-    `padded=False` the HF model's (unpadded vocabulary)."""
+    """Per-TP-rank parameter counts (a replicated ViT counts whole); at TP=1 with `padded` the
+    Megatron model's totals, with `padded=False` the HF model's (unpadded vocabulary)."""
     tp = tensor_parallel_size
     lang = model.language
     vocab = lang.padded_vocab_size(tp) if padded else lang.vocab_size
     if text_only:
         vision = projector = 0
     else:
-        patch, block = vision_parameters(model.vision, tp)
+        # A replicated ViT is whole on every TP rank (model.vision.parallel).
+        patch, block = vision_parameters(model.vision, 1 if model.vision.parallel == "replicated" else tp)
         vision, projector = patch + model.vision.depth * block, projector_parameters(model, tp)
     table = vocab * lang.hidden_size // tp
     return ParamCounts(vision=vision, projector=projector, embedding=table,

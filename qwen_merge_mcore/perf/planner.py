@@ -1,6 +1,7 @@
 """Layout enumeration and the step-time / memory model of the scale planner.
 
-A `Layout` (TP, PP, VPP, CP, DP, micro-batch, first-stage layers, recomputation) is valid when
+A `Layout` (TP, PP, VPP, CP, DP, micro-batch, first-stage layers, recomputation, ViT placement)
+is valid when
 `ParallelConfig.validate` and `config.validate_layout` accept it (the same rules training
 enforces) and the batch splits into whole micro-batches. For each valid layout `estimate`
 predicts, per pipeline rank, the memory of one GPU and the time of one micro-batch
@@ -21,11 +22,12 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ..config import ConfigError, ParallelConfig, validate_layout
+from ..config import ConfigError, ModelConfig, ParallelConfig, validate_layout
 from .flops import BatchStats, FlopBreakdown, Grid, backward_multipliers, forward_flops, step_flops
 from .hardware import GiB, GPUSpec
 from .memory import (BF16, MEGATRON_BF16, StatePolicy, decoder_layer_activation_bytes, logits_activation_bytes,
@@ -93,6 +95,7 @@ class Layout:
     micro_batch: int = 1
     first_stage_layers: Optional[int] = None
     recompute: Optional[str] = None
+    vision: str = "sharded"  # model.vision.parallel: sharded | replicated (frozen ViT)
 
     @property
     def gpus(self) -> int:
@@ -114,7 +117,13 @@ class Layout:
         parts += [f"CP{self.cp}", f"DP{self.dp}", f"MBS{self.micro_batch}"]
         if self.first_stage_layers is not None:
             parts.append(f"first{self.first_stage_layers}")
+        if self.vision == "replicated":
+            parts.append("ViT-replicated")
         return " ".join(parts)
+
+    def model(self, model: ModelConfig) -> ModelConfig:
+        """`model` with this layout's ViT placement."""
+        return dataclasses.replace(model, vision=dataclasses.replace(model.vision, parallel=self.vision))
 
 
 @dataclass(frozen=True)
@@ -194,10 +203,12 @@ def check_layout(target: PlanModel, workload: Workload, layout: Layout, gpu: GPU
     """Raise LayoutError naming why `layout` cannot run; the model-shape rules are the config's."""
     if layout.recompute not in RECOMPUTE:
         raise LayoutError(f"recompute must be one of {RECOMPUTE}, got {layout.recompute!r}")
+    if layout.vision == "replicated" and (target.text_only or "vision" not in workload.freeze):
+        raise LayoutError("a replicated ViT needs a frozen ViT (model.vision.parallel)")
     try:
         parallel = layout.parallel_config()
         parallel.validate()
-        validate_layout(target.model, parallel)
+        validate_layout(layout.model(target.model), parallel)
     except ConfigError as err:
         raise LayoutError(str(err)) from None
     if layout.tp > gpu.gpus_per_node:
@@ -250,7 +261,8 @@ def estimate(target: PlanModel, workload: Workload, layout: Layout, gpu: GPUSpec
              cache: Optional[_Cache] = None) -> Estimate:
     """Memory per GPU and step time of a valid layout (call `check_layout` first)."""
     cache = cache or _Cache()
-    model, lang = target.model, target.model.language
+    model, lang = layout.model(target.model), target.model.language
+    replicated = layout.vision == "replicated"
     tp, pp, cp, dp, v = layout.tp, layout.pp, layout.cp, layout.dp, layout.virtual
     mb = workload.micro_batch(layout.micro_batch)
     micro = workload.global_batch // (layout.micro_batch * dp)
@@ -260,6 +272,9 @@ def estimate(target: PlanModel, workload: Workload, layout: Layout, gpu: GPUSpec
     recompute_lin = 1 if layout.recompute == "full" else 0
     recompute_att = 1 if layout.recompute in ("selective", "full") else 0
     patches = sum(t * h * w for t, h, w in mb.image_grids)
+    # Replicated: each TP rank encodes whole images, so the slowest holds ceil(images / TP) of them.
+    vit_share = (math.ceil(len(mb.image_grids) / tp) / len(mb.image_grids)
+                 if replicated and mb.image_grids else 1 / tp)
 
     r8 = gpu.peak_fp8_flops * cost.linear_efficiency_fp8
     r16 = gpu.peak_bf16_flops * cost.linear_efficiency_bf16
@@ -290,8 +305,11 @@ def estimate(target: PlanModel, workload: Workload, layout: Layout, gpu: GPUSpec
         time["decoder_elementwise"] = (n * _elementwise_elements(lang, workload.fp8) * tokens_local / tp
                                        * cost.elementwise_bytes * (lang_passes + recompute_lin) / hbm)
         if first and not target.text_only:
-            # The ViT runs whole on every CP rank (images are not split); TP splits heads and MLP.
-            time["vision"] = (fwd.vision_linear / r16 + fwd.vision_attention / ratt) / tp * (1 + back["vision"])
+            # The ViT runs whole on every CP rank (images are not split); TP splits heads and MLP
+            # (sharded) or the images (replicated, then one all-gather of the features).
+            time["vision"] = (fwd.vision_linear / r16 + fwd.vision_attention / ratt) * vit_share * (1 + back["vision"])
+            if replicated and tp > 1:
+                time["vision_gather"] = BF16 * patches * model.vision.hidden_size * (tp - 1) / tp / nvlink
             time["projector"] = fwd.projector / tp / r16 * (1 + back["projector"])
         if last:
             time["logits"] = fwd.logits / (tp * cp) / r16 * lang_passes
@@ -301,7 +319,7 @@ def estimate(target: PlanModel, workload: Workload, layout: Layout, gpu: GPUSpec
             act = BF16 * tokens_local * lang.hidden_size * (tp - 1) / tp
             passes = lang_passes + recompute_lin
             tp_time = n * 4 * passes * act / nvlink
-            if first and not target.text_only:
+            if first and not target.text_only and not replicated:
                 vit_act = BF16 * patches * model.vision.hidden_size * 2 * (tp - 1) / tp
                 tp_time += model.vision.depth * 2 * (1 + back["vision"]) * vit_act / nvlink
             time["tp_comm"] = tp_time * cost.overlapped_comm_exposed
@@ -315,7 +333,7 @@ def estimate(target: PlanModel, workload: Workload, layout: Layout, gpu: GPUSpec
             send = BF16 * tokens_local * lang.hidden_size / tp / pp_bw
             time["pp_comm"] = 2 * v * send * cost.overlapped_comm_exposed
         ranks.append(_rank_memory(target, workload, layout, cost, params[rank], rank, n, n8, tokens_local,
-                                  patches, micro, back, time))
+                                  patches, vit_share, micro, back, time))
 
     t_max = max(r.time_s for r in ranks)
     t_mean = sum(r.time_s for r in ranks) / pp
@@ -364,8 +382,8 @@ def _in_flight(layout: Layout, rank: int, micro: int) -> float:
     return min(depth, micro)
 
 
-def _rank_memory(target, workload, layout, cost, params, rank, n, n8, tokens_local, patches, micro, back,
-                 time) -> RankEstimate:
+def _rank_memory(target, workload, layout, cost, params, rank, n, n8, tokens_local, patches, vit_share, micro,
+                 back, time) -> RankEstimate:
     model, lang = target.model, target.model.language
     tp, pp, cp = layout.tp, layout.pp, layout.cp
     trainable = params.trainable(workload.freeze)
@@ -380,7 +398,10 @@ def _rank_memory(target, workload, layout, cost, params, rank, n, n8, tokens_loc
         acts += decoder_layer_activation_bytes(lang, tokens_local, tp, None, workload.fp8)  # one layer re-run
     if rank == 0 and not target.text_only and patches:
         vit_trains = back["vision"] > 0 or "vision" not in workload.freeze
-        acts += vision_activation_bytes(model.vision, patches, tp, vit_trains) * (flight if vit_trains else 1)
+        if layout.vision == "replicated":  # frozen: this rank's images through unsplit blocks
+            acts += vision_activation_bytes(model.vision, math.ceil(patches * vit_share), 1, False)
+        else:
+            acts += vision_activation_bytes(model.vision, patches, tp, vit_trains) * (flight if vit_trains else 1)
         proj_keeps = "projector" not in workload.freeze or vit_trains
         acts += projector_activation_bytes(model, patches) * (flight if proj_keeps else 1)
     if rank == pp - 1:
@@ -411,6 +432,7 @@ class LayoutChoice:
     micro_batch: Optional[int] = None
     first_stage_layers: Optional[int] = None
     recompute: Optional[str] = None  # "none" | "selective" | "full"; None = try none and full
+    vision: Optional[str] = None  # "sharded" | "replicated"; None = both when the ViT is frozen
 
 
 def enumerate_layouts(target: PlanModel, workload: Workload, gpus: int, gpu: GPUSpec,
@@ -424,6 +446,8 @@ def enumerate_layouts(target: PlanModel, workload: Workload, gpus: int, gpu: GPU
         return [value] if value is not None else options
 
     rec_opts = {None: [None, "full"], "none": [None]}.get(choice.recompute, [choice.recompute])
+    frozen_vit = not target.text_only and "vision" in workload.freeze
+    vit_opts = pick(choice.vision, ["sharded", "replicated"] if frozen_vit else ["sharded"])
     for tp in pick(choice.tp, [d for d in _divisors(gpus) if d <= gpu.gpus_per_node]):
         # Training refuses CP > 1 (not implemented); the planner still models it when asked (--cp).
         for cp in pick(choice.cp, [1]):
@@ -447,9 +471,9 @@ def enumerate_layouts(target: PlanModel, workload: Workload, gpus: int, gpu: GPU
                         firsts = [None]
                     for first in firsts:
                         for mbs in pick(choice.micro_batch, [1, 2]):
-                            for rec in rec_opts:
+                            for rec, vit in itertools.product(rec_opts, vit_opts):
                                 layout = Layout(tp=tp, pp=pp, cp=cp, dp=dp, vpp=vpp, micro_batch=mbs,
-                                                first_stage_layers=first, recompute=rec)
+                                                first_stage_layers=first, recompute=rec, vision=vit)
                                 try:
                                     check_layout(target, workload, layout, gpu)
                                 except LayoutError as err:

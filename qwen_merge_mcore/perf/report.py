@@ -26,6 +26,8 @@ def override_dict(plan: Plan, est: Estimate) -> dict:
         "train": train,
         "data": {"seq_length": plan.workload.seq_length},
     }
+    if lay.vision != "sharded":
+        out["model"]["vision"] = {"parallel": lay.vision}
     if plan.workload.fp8:
         out["precision"] = {"fp8": "hybrid"}
     return out

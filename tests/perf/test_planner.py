@@ -42,10 +42,13 @@ def test_impossible_layouts_are_refused_with_reason(layout, reason):
 
 def test_impossible_requests_are_refused_with_reason():
     with pytest.raises(LayoutError, match="no valid layout .* does not divide model.vision.intermediate_size"):
-        plan(QWEN32, WORK, 256, H100, LayoutChoice(tp=8))
+        plan(QWEN32, WORK, 256, H100, LayoutChoice(tp=8, vision="sharded"))
+    with pytest.raises(LayoutError, match="replicated ViT needs a frozen ViT"):
+        check_layout(QWEN32, dataclasses.replace(WORK, freeze=()), Layout(tp=8, pp=1, cp=1, dp=32,
+                                                                          vision="replicated"), H100)
     with pytest.raises(LayoutError, match="fits in 79.6 GiB .* needs"):
         plan(QWEN32, WORK, 4, H100)  # 32B + ViT on 4 GPUs: 18 bytes per parameter alone exceed 80 GB
-    out = qmm("plan", "--preset", "qwen-merge-72bvit-32b", "--gpus", "256", "--tp", "8")
+    out = qmm("plan", "--preset", "qwen-merge-72bvit-32b", "--gpus", "256", "--tp", "8", "--vision", "sharded")
     assert out.returncode == 1 and "intermediate_size=3420" in out.stderr
     out = qmm("plan", "--preset", "qwen-merge-72bvit-32b", "--gpus", "0")
     assert out.returncode == 1 and "--gpus must be > 0" in out.stderr
@@ -137,3 +140,25 @@ def test_calibration_reproduces_constant_and_predicts_second_point():
     # Both published layouts ran, so the memory model must find them within 80 GB.
     for ref in REFERENCES.values():
         assert predict(ref).estimate.fits, ref.name
+
+
+def test_tp8_layouts_with_the_replicated_vit(tmp_path):
+    """The 72B ViT's MLP width 3420 is not divisible by 8: TP=8 only with the ViT whole per rank."""
+    result = plan(QWEN32, WORK, 256, H100, LayoutChoice(tp=8))
+    assert result.estimates and {e.layout.vision for e in result.estimates} == {"replicated"}
+    # Memory: the replicated ViT's bf16 weights whole on the first stage, no gradients or optimizer.
+    sharded, replicated = (estimate(QWEN32, WORK, Layout(tp=4, pp=1, cp=1, dp=64, vision=v), H100)
+                           for v in ("sharded", "replicated"))
+    vit = parameter_counts(QWEN32.model, 1).vision
+    vit_tp4 = parameter_counts(QWEN32.model, 4).vision
+    assert replicated.ranks[0].memory["weights"] - sharded.ranks[0].memory["weights"] == 2 * (vit - vit_tp4)
+    for item in ("grads", "optimizer"):
+        assert replicated.ranks[0].memory[item] == sharded.ranks[0].memory[item]
+    # The override of a TP=8 plan loads as a training config.
+    override = tmp_path / "tp8.yaml"
+    out = qmm("plan", "--preset", "qwen-merge-72bvit-32b", "--gpus", "256", "--tp", "8", "--top", "3",
+              "--write-override", str(override))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("TP8") == 3 and out.stdout.count("ViT-replicated") == 3, out.stdout
+    cfg = load_config(override, ["train.train_iters=1"], check_runtime=False)
+    assert cfg.parallel.tensor_model_parallel_size == 8 and cfg.model.vision.parallel == "replicated"
