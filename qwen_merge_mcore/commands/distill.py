@@ -53,14 +53,30 @@ def add_arguments(p) -> None:
                    help="fraction of questions (chosen by id) that also get a reply with thinking off")
     g.add_argument("--max-tokens", type=int, default=16384)
     g.add_argument("--stop", action="append", default=[], help="extra stop string (repeatable)")
+    g.add_argument("--stop-token-ids", default="", help="extra stop token ids, comma-separated")
     g.add_argument("--teacher-name", help="name recorded in the rows (default: the model folder's name)")
 
 
+    j = sub.add_parser("judge", help="a verdict per row: rules, else a judge model with thinking off",
+                       description="Grade each generated row against its reference: boxed/final numbers, "
+                       "multiple-choice letters and short answers by rule, the rest by a judge model. Writes the "
+                       "rows with verdict and reason; with --keep pass only the passing ones (others in rejected/).",
+                       **_example("qmm distill judge"))
+    _engine_arguments(j, "--judge", "judge model folder (offline vLLM); needed when a row has no rule")
+    j.add_argument("--input", required=True, help="output folder of `qmm distill generate`")
+    j.add_argument("--out", required=True, help="output folder")
+    j.add_argument("--keep", choices=["pass", "fail", "unverified"], help="write only the rows with this verdict")
+    j.add_argument("--min-score", type=float, default=8.0,
+                   help="R1-distill `score` below which a reference is not trusted (verdict unverified)")
+    j.add_argument("--max-tokens", type=int, default=256)
+    j.add_argument("--overwrite", action="store_true")
+
+
 def run(args) -> int:
-    return {"generate": _generate}[args.data_command](args)
+    return {"generate": _generate, "judge": _judge}[args.data_command](args)
 
 
-def make_backend(args, questions) -> "object":
+def make_backend(args, questions=()) -> "object":
     """The offline engine on args.model, or the server at args.server."""
     import os
 
@@ -81,6 +97,13 @@ def make_backend(args, questions) -> "object":
     return OfflineBackend(engine, vllm_python(args.vllm_python))
 
 
+def _ids(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--stop-token-ids {text!r}: expected comma-separated integers") from None
+
+
 def _generate(args) -> int:
     import os
 
@@ -89,8 +112,19 @@ def _generate(args) -> int:
 
     if not args.server and not os.path.isdir(args.model):
         raise ValueError(f"--teacher {args.model}: not a model folder")
-    sampling = SamplingConfig(max_tokens=args.max_tokens, nothink_fraction=args.nothink_fraction, stop=args.stop)
+    sampling = SamplingConfig(max_tokens=args.max_tokens, nothink_fraction=args.nothink_fraction, stop=args.stop,
+                              stop_token_ids=_ids(args.stop_token_ids))
     report = generate(args.input, args.out, lambda qs: make_backend(args, qs), sampling, parse_shard(args.shard),
                       chunk=args.chunk, teacher=args.teacher_name)
     print(f"qmm distill generate: {report}; rows in {args.out}")
     return 1 if report.failed else 0
+
+
+def _judge(args) -> int:
+    from ..distill.judge import judge
+
+    factory = (lambda: make_backend(args)) if (args.model or args.server) else None
+    counts = judge(args.input, args.out, factory, keep=args.keep, min_score=args.min_score, overwrite=args.overwrite,
+                   max_tokens=args.max_tokens)
+    print(f"qmm distill judge: {', '.join(f'{k} {v}' for k, v in sorted(counts.items()))}; rows in {args.out}")
+    return 0

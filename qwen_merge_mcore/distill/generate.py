@@ -60,10 +60,12 @@ def generate(src: str, out: str | Path, make_backend: Callable[[list[Question]],
              sampling: SamplingConfig = SamplingConfig(), shard: tuple[int, int] = (0, 1), chunk: int = 256,
              teacher: Optional[str] = None, progress_interval_s: float = 60.0) -> GenerateReport:
     """Answer the undone questions of `src` in chunks of `chunk`, committing each chunk."""
+    from ..data.readers import dataset_files
     from ..utils.atomic import check_output_not_input
 
     sampling.validate()
     out = Path(out)
+    dataset_files(src)  # a missing input fails before anything is created
     check_output_not_input(out, [src], "--out")
     out.mkdir(parents=True, exist_ok=True)
     store = Store(out, shard)

@@ -28,6 +28,7 @@ class SamplingConfig:
     max_tokens: int = 16384  # Qwen3-32B thinking traces on competition maths run past 8K
     nothink_fraction: float = 0.5
     stop: list[str] = field(default_factory=list)  # extra stop strings (EOS always stops)
+    stop_token_ids: list[int] = field(default_factory=list)  # extra stop tokens
 
     def validate(self) -> None:
         if not 0.0 <= self.nothink_fraction <= 1.0:
@@ -54,4 +55,5 @@ def params(qid: str, mode: Mode, cfg: SamplingConfig) -> dict:
     penalties), so offline and server runs sample the same distribution."""
     return {"temperature": mode.temperature, "top_p": mode.top_p, "top_k": mode.top_k, "min_p": 0.0,
             "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0,
-            "seed": seed_for(qid, mode), "max_tokens": cfg.max_tokens, "stop": list(cfg.stop)}
+            "seed": seed_for(qid, mode), "max_tokens": cfg.max_tokens, "stop": list(cfg.stop),
+            "stop_token_ids": list(cfg.stop_token_ids)}
