@@ -47,7 +47,7 @@ def stable_id(row: dict) -> str:
 def read_questions(src: str, out: Path, bad: Counter) -> Iterator[Question]:
     """Questions of a file or folder in file and row order. Rows that are neither a text question
     nor a usable multimodal row, and repeated ids, are skipped and counted in `bad` by reason."""
-    from ..data.errors import log
+    from ..data.errors import BadSample, log
     from ..data.readers import dataset_files, open_file
 
     seen: set[str] = set()
@@ -58,7 +58,7 @@ def read_questions(src: str, out: Path, bad: Counter) -> Iterator[Question]:
             try:
                 row = rows[i]
                 question = parse_row(row, os.path.dirname(path), out)
-            except (ValueError, TypeError, KeyError, OSError) as err:  # BadSample is a ValueError
+            except (BadSample, ValueError, TypeError, KeyError, OSError) as err:
                 reason = getattr(err, "reason", "malformed_row")
                 bad[reason] += 1
                 log.warning("skipping %s: %s", where, err)
