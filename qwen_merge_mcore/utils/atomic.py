@@ -205,10 +205,16 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write a small file so that readers see the old or the new content, never a mix."""
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """`atomic_write_text` for bytes. The temporary name `.<name>.tmp-<pid>` has another suffix,
+    so a folder reader looking for `.jsonl` never sees a file being written."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_text(text)
+        tmp.write_bytes(data)
         os.replace(tmp, path)
     except OSError as err:
         tmp.unlink(missing_ok=True)

