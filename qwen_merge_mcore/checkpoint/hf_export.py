@@ -4,8 +4,8 @@
 
 Collective over every rank. Each pipeline stage exports its own layers: per load unit (one decoder
 layer, or one other tensor), the stage's tensor-parallel ranks of data-parallel rank 0 send their
-slices to the stage's TP rank 0, which assembles the TP-free tensors of that unit, converts them
-and writes them at their place in the output shards (`ShardedSafetensorsWriter` lays the files out
+slices (point to point, one at a time) to the stage's TP rank 0, which assembles the TP-free
+tensors of that unit, converts them and writes them at their place in the output shards (`ShardedSafetensorsWriter` lays the files out
 once, any rank writes into them). No rank holds more than one unit besides its own weights: the
 bound of `qmm mcore2hf`, which loads one unit at a time. Other data-parallel ranks hold replicas
 and send nothing. Rank 0 builds the folder under a temporary name and renames it once every
@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 import torch.distributed as dist
@@ -42,7 +42,20 @@ def _units(chunk) -> dict[str, list]:
     return units
 
 
-def _assemble(pieces: list[tuple[str, tuple, tuple, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def _received(mine: list, described: list, tp_group):
+    """(name, offsets, shape, data) of every slice of a unit on the stage's TP ranks: TP rank 0's
+    own, then each other rank's, received one at a time (point to point, in the order sent)."""
+    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"  # NCCL sends from GPUs
+    yield from mine
+    for rank, pieces in enumerate(described[1:], start=1):
+        src = dist.get_global_rank(tp_group, rank)
+        for name, offsets, shape, local_shape, dtype in pieces:
+            data = torch.empty(local_shape, dtype=dtype, device=device)
+            dist.recv(data, src=src, group=tp_group)
+            yield name, offsets, shape, data
+
+
+def _assemble(pieces: Iterable[tuple[str, tuple, tuple, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """TP-free tensors from the slices of a stage's TP ranks; every element covered once."""
     full: dict[str, torch.Tensor] = {}
     filled: dict[str, int] = {}
@@ -50,7 +63,7 @@ def _assemble(pieces: list[tuple[str, tuple, tuple, torch.Tensor]]) -> dict[str,
         if name not in full:
             full[name], filled[name] = torch.empty(shape, dtype=data.dtype), 0
         index = tuple(slice(o, o + s) for o, s in zip(offsets, data.shape))
-        full[name][index] = data
+        full[name][index] = data.cpu()
         filled[name] += data.numel()
     short = [n for n, t in full.items() if filled[n] != t.numel()]
     if short:
@@ -100,16 +113,18 @@ def export_hf(chunks: list, out: str | Path, meta_dir: str | Path, cfg: ModelCon
             for unit in chunk.values():
                 # Main replicas only: a TP-replicated norm is sent by TP rank 0 alone, a tied output
                 # layer on the last stage not at all (the first stage's embedding is it).
-                mine = [(name, offsets, shape, sh_ten.data.detach().cpu()) for name, offsets, shape, sh_ten in unit
+                mine = [(name, offsets, shape, sh_ten.data.detach()) for name, offsets, shape, sh_ten in unit
                         if is_main_replica(sh_ten.replica_id)]
-                pieces: list = [None] * dist.get_world_size(tp_group) if writes else None
-                dist.gather_object(mine, pieces, dst=tp0, group=tp_group)
-                del mine
+                described: list = [None] * dist.get_world_size(tp_group) if writes else None
+                dist.gather_object([(n, o, s, tuple(d.shape), d.dtype) for n, o, s, d in mine], described,
+                                   dst=tp0, group=tp_group)
                 if writes:
-                    full = _assemble([p for rank_pieces in pieces for p in rank_pieces])
-                    del pieces
+                    full = _assemble(_received(mine, described, tp_group))
                     write_unit([by_name[n] for n in full], full, writer, out_dtype)
                     del full
+                else:
+                    for *_, data in mine:
+                        dist.send(data.contiguous(), dst=tp0, group=tp_group)
         written: list = [None] * dist.get_world_size() if rank0 else None
         dist.gather_object(sorted(writer.written) if writes else [], written, dst=0)
         if rank0:
