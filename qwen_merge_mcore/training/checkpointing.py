@@ -25,7 +25,7 @@ import shutil
 import signal
 import tempfile
 from multiprocessing.managers import SyncManager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -46,6 +46,7 @@ from ..config.schema import PARTS
 from ..dtypes import torch_dtype
 from ..utils.atomic import atomic_write_text, os_error_message
 from .errors import NonFiniteError
+from .optim import SCHEDULE_KEYS
 
 LATEST = "latest_checkpointed_iteration.txt"
 HF_DIR = "hf"  # checkpoint.save_hf's folder inside each checkpoint
@@ -55,6 +56,8 @@ HF_DIR = "hf"  # checkpoint.save_hf's folder inside each checkpoint
 class TrainState:
     iteration: int = 0  # global batches consumed: optimizer steps taken, skipped ones included
     nan_steps: int = 0  # steps skipped for a non-finite loss or gradient norm
+    # Every step's loss from iteration 1 on, carried across resumes: the summary's whole curve.
+    losses: list = field(default_factory=list)
 
 
 def iter_dir(root: str | Path, iteration: int) -> Path:
@@ -320,6 +323,11 @@ class Checkpointer:
             load_model_chunk(model, loaded["model" if len(engine.unwrapped()) == 1 else f"model{i}"])
         engine.load_optimizer_state_dict(loaded["optimizer"])
         scheduler.load_state_dict(common["scheduler"])
+        changed = [f"{k} {common['scheduler'][k]} -> {getattr(scheduler, k)}" for k in SCHEDULE_KEYS
+                   if common["scheduler"].get(k) != getattr(scheduler, k)]
+        if changed and dist.get_rank() == 0:
+            print(f"[checkpoint] the LR schedule follows this config, not the checkpoint's: {', '.join(changed)} "
+                  f"(at step {scheduler.num_steps})", flush=True)
         if same_layout:
             _set_rng_state(loaded["rng"])
             data_iter.load_state_dict(loaded["data"])

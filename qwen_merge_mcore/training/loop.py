@@ -88,6 +88,7 @@ def run_training(cfg: ExperimentConfig, builder: Optional[ModelBuilder] = None,
             batches = data_source.Recorder(data)
             result = engine.train_step(batches, microbatches)
             state.iteration += 1
+            state.losses.append(result.loss)
             if result.skipped:
                 state.nan_steps += 1
                 if state.nan_steps > cfg.train.max_nan_steps:
@@ -114,4 +115,4 @@ def run_training(cfg: ExperimentConfig, builder: Optional[ModelBuilder] = None,
         ckpt.wait()
     finally:
         signals.restore()
-    return log.finish(state.nan_steps, interrupted, str(saved) if saved else None)
+    return log.finish(state.nan_steps, interrupted, str(saved) if saved else None, state.losses)

@@ -8,6 +8,7 @@ import json
 import math
 import sys
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -36,6 +37,24 @@ def memory_gib() -> float:
     return psutil.Process().memory_info().rss / 2**30
 
 
+WANDB_RUN_ID = "wandb_run_id.txt"
+
+
+def wandb_resume(save: Optional[str]) -> dict:
+    """`wandb.init`'s id and resume arguments: one Weights & Biases run per run folder, its id
+    stored there on the first start, so that a resumed or requeued job continues that run."""
+    if not save:
+        return {}
+    path = Path(save) / WANDB_RUN_ID
+    if path.is_file():
+        run_id = path.read_text().strip()
+    else:
+        run_id = uuid.uuid4().hex[:8]  # the form of wandb's own ids
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, run_id + "\n")
+    return {"id": run_id, "resume": "allow"}
+
+
 @dataclass
 class StepRecord:
     iteration: int
@@ -53,7 +72,7 @@ class StepRecord:
 @dataclass
 class Summary:
     stage: str
-    first_iteration: int
+    first_iteration: int  # where this process started (0, or the iteration it resumed from)
     last_iteration: int
     train_iters: int
     first_loss: Optional[float] = None
@@ -65,6 +84,7 @@ class Summary:
     mean_tflops_per_gpu: Optional[float] = None
     mean_mfu: Optional[float] = None
     wall_seconds: float = 0.0
+    # Every step's loss from iteration 1, the steps before a resume included (from the checkpoint).
     losses: list = field(default_factory=list)
 
 
@@ -90,8 +110,8 @@ class StepLogger:
         if log.wandb_project:
             import wandb  # the `wandb` extra
 
-            self.wandb = wandb.init(project=log.wandb_project, name=log.wandb_run_name,
-                                    config=asdict(cfg), resume="allow")
+            self.wandb = wandb.init(project=log.wandb_project, name=log.wandb_run_name, config=asdict(cfg),
+                                    **wandb_resume(cfg.checkpoint.save))
         interactive = log.progress_bar if log.progress_bar is not None else sys.stdout.isatty()
         if interactive:
             from tqdm import tqdm
@@ -112,8 +132,6 @@ class StepLogger:
             return rec
         s = self.summary
         s.last_iteration, s.last_loss = iteration, rec.loss
-        s.first_loss = rec.loss if s.first_loss is None else s.first_loss
-        s.losses.append(rec.loss)
         if iteration % self.cfg.logging.log_interval == 0 or result.skipped:
             mfu = f" | MFU {rec.mfu:6.2%}" if rec.mfu is not None else ""
             skip = " | SKIPPED (non-finite)" if result.skipped else ""
@@ -135,9 +153,11 @@ class StepLogger:
             self.bar.set_postfix(loss=f"{rec.loss:.4f}")
         return rec
 
-    def finish(self, nan_steps: int, interrupted: bool, checkpoint: Optional[str]) -> Summary:
+    def finish(self, nan_steps: int, interrupted: bool, checkpoint: Optional[str], losses: list) -> Summary:
         s = self.summary
         s.nan_steps, s.interrupted, s.checkpoint = nan_steps, interrupted, checkpoint
+        s.losses = list(losses)
+        s.first_loss = losses[0] if losses else None
         s.wall_seconds = time.perf_counter() - self.t0
         timed = self.records[1:] or self.records  # the first step includes warm-up work
         if timed:

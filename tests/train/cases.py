@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 from functools import partial
 from pathlib import Path
@@ -245,3 +246,26 @@ def damaged_checkpoint_cases(root: str, tp: int) -> dict:
     except CheckpointError as err:
         out["pretrained"] = str(err)
     return out
+
+
+def longer_run_cases(root: str, tp: int) -> dict:
+    """A finished 4-step run resumed with train.train_iters=8: the LR schedule follows the new
+    length (said in the log), and the summary holds all 8 losses."""
+    from qwen_merge_mcore.training.optim import build_scheduler
+
+    root = Path(root)
+    ckpt = {"save": str(root / "run"), "save_interval": 2}
+    short = run_training(toy_config(tp=tp, checkpoint=ckpt, train={"train_iters": 4}), BUILDER, _data)
+    longer_cfg = toy_config(tp=tp, checkpoint=ckpt, train={"train_iters": 8},
+                            logging={"summary_json": str(root / "summary.json")})
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        longer = run_training(longer_cfg, BUILDER, _data)
+    reference = build_scheduler(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0), longer_cfg.train, 8)
+    expected = []
+    for _ in range(8):  # the LR each step of a fresh 8-step run trains at
+        expected.append(f"{reference.optimizer.param_groups[0]['lr']:.3e}")
+        reference.step(1)
+    written = json.loads((root / "summary.json").read_text()) if dist.get_rank() == 0 else None
+    return {"short": short.losses, "longer": longer.losses, "log": log.getvalue(), "expected_lr": expected,
+            "summary_json": written}

@@ -73,4 +73,5 @@ def test_gpu_resume_with_async_save_is_bit_identical(runs):
     # Exact: same data order, optimizer state (the distributed optimizer's fully reshardable
     # checkpoint), LR step and RNG, deterministic kernels; the last micro-batch of every step
     # was text-only (DDP's gradient invariant on the real DDP).
-    assert r["stopped"] + r["resumed"] == r["full"]
+    # The resumed run's summary holds the whole curve, the steps before the stop included.
+    assert r["stopped"] == r["full"][:2] and r["resumed"] == r["full"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from . import cases
@@ -25,3 +27,53 @@ def test_truncated_latest_falls_back_to_newest_intact(damaged):
 def test_weights_only_start_from_truncated_checkpoint_names_the_file(damaged):
     assert damaged["pretrained"] and damaged["pretrained"].startswith(damaged["shard"].replace(
         "iter_0000004", "iter_0000004.damaged") + ": truncated"), damaged["pretrained"]
+
+
+@pytest.fixture(scope="module")
+def longer(distributed, tmp_path_factory):
+    return distributed(cases.longer_run_cases, world_size=2, tp=2,
+                       args=(str(tmp_path_factory.mktemp("longer")), 2))[0]
+
+
+def test_longer_train_iters_on_resume_follows_the_new_schedule(longer):
+    log = longer["log"]
+    assert "the LR schedule follows this config, not the checkpoint's: lr_decay_steps 4 -> 8 (at step 4)" in log, log
+    logged = dict(re.findall(r"iter\s+(\d+)/8 \| .*? \| lr (\S+) \|", log))
+    # Steps 5-8 train at the LR of a fresh 8-step schedule, not at min_lr = 0 after the old end.
+    assert [logged[str(i)] for i in range(5, 9)] == longer["expected_lr"][4:], (logged, longer["expected_lr"])
+
+
+def test_summary_holds_every_step_across_resumes(longer):
+    assert len(longer["short"]) == 4 and len(longer["longer"]) == 8
+    assert longer["longer"][:4] == longer["short"]
+    assert longer["summary_json"]["losses"] == longer["longer"]
+    assert longer["summary_json"]["first_iteration"] == 4 and longer["summary_json"]["first_loss"] == longer["short"][0]
+
+
+def test_wandb_run_id_is_kept_in_the_run_folder(tmp_path):
+    from qwen_merge_mcore.training.observability import WANDB_RUN_ID, wandb_resume
+
+    first = wandb_resume(str(tmp_path / "run"))
+    assert first == {"id": (tmp_path / "run" / WANDB_RUN_ID).read_text().strip(), "resume": "allow"}
+    assert wandb_resume(str(tmp_path / "run")) == first  # the requeued job: same run
+    assert wandb_resume(str(tmp_path / "other"))["id"] != first["id"]
+    assert wandb_resume(None) == {}
+
+
+def test_a_resumed_job_continues_the_same_wandb_run(tmp_path, monkeypatch):
+    """Through the real wandb client, offline (no network)."""
+    pytest.importorskip("wandb", reason="the wandb extra is not installed (pip install 'qwen_merge_mcore[wandb]')")
+    from qwen_merge_mcore.training.observability import WANDB_RUN_ID, StepLogger
+
+    from .helpers import tiny_config
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = tiny_config(checkpoint={"save": str(tmp_path / "run")}, logging={"wandb_project": "qmm-test"})
+    ids = []
+    for start in (0, 4):  # the first job, then its requeued continuation
+        log = StepLogger(cfg, 0, 1, start, 8, fp8_model=False)
+        ids.append(log.wandb.id)
+        log.finish(0, start == 0, None, [])
+    assert ids[0] == ids[1] == (tmp_path / "run" / WANDB_RUN_ID).read_text().strip()
