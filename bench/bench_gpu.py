@@ -80,7 +80,7 @@ def experiment_config(case: Case, data_file: Path, cuda: bool):
         "model": model,
         "precision": {"params_dtype": "bf16" if cuda else "fp32"},  # the CPU engine trains in fp32
         "train": {"stage": "bench_gpu", "engine": "gpu" if cuda else "cpu", "micro_batch_size": 1,
-                  "global_batch_size": case.microbatches, "train_iters": case.warmup + case.steps,
+                  "global_batch_samples": case.microbatches, "train_iters": case.warmup + case.steps,
                   "freeze": ["vision"]},
         "data": {"template": "qwen3", "seq_length": case.seq_length, "num_workers": 1,
                  "datasets": [{"path": str(data_file), "name": "instruct"}]},
@@ -175,7 +175,7 @@ def predicted_memory(cfg, batches: list) -> dict:
     lengths = [n for s in stats for n in s.sample_lengths]
     grids = Counter(g for s in stats for g in s.image_grids)
     images_per_sample = round(sum(grids.values()) / len(lengths))
-    workload = Workload(seq_length=max(s.tokens for s in stats), global_batch=cfg.train.global_batch_size,
+    workload = Workload(seq_length=max(s.tokens for s in stats), global_batch_samples=len(lengths),
                         sample_length=round(statistics.mean(lengths)),
                         image_grids_per_sample=(grids.most_common(1)[0][0],) * images_per_sample if grids else (),
                         freeze=tuple(cfg.train.freeze))

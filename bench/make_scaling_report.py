@@ -26,13 +26,13 @@ from qwen_merge_mcore.utils.atomic import atomic_write_text  # noqa: E402
 
 PRESETS = ["qwen-merge-72bvit-4b", "qwen-merge-72bvit-8b", "qwen-merge-72bvit-32b"]
 GPUS = [8, 64, 256, 1024]
-SEQ, BATCH, SAMPLE, PIXELS = 8192, 512, 2048, 262144
+SEQ, BATCH, SAMPLE, PIXELS = 8192, 2048, 2048, 262144  # BATCH: samples per step (512 sequences)
 
 
 def best_rows(preset: str, fp8: bool, gpu) -> list[tuple]:
     target = plan_model(preset)
     grid = image_grid(PIXELS, target.model.vision)
-    work = Workload(seq_length=SEQ, global_batch=BATCH, sample_length=SAMPLE, image_grids_per_sample=(grid,), fp8=fp8)
+    work = Workload(seq_length=SEQ, global_batch_samples=BATCH, sample_length=SAMPLE, image_grids_per_sample=(grid,), fp8=fp8)
     rows = []
     for gpus in GPUS:
         try:
@@ -99,13 +99,13 @@ calibrated analytic model, not measurements: no Qwen-Merge run on H100s has been
 Plan one configuration yourself:
 
 ```
-qmm plan --preset qwen-merge-72bvit-32b --gpus 256 --gpu h100-80gb --seq-length 8192 --global-batch 512
+qmm plan --preset qwen-merge-72bvit-32b --gpus 256 --gpu h100-80gb --seq-length 8192 --global-batch-samples 2048
 qmm plan --preset qwen-merge-72bvit-32b --gpus 256 --json --top 3          # for scripts; `parameters` = model size
 qmm plan --preset qwen-merge-72bvit-32b --gpus 256 --write-override work/plan.yaml
 ```
 
 `--write-override` writes the best layout as a config fragment (`model.preset`, `parallel:`,
-`train.micro_batch_size/global_batch_size/recompute_*`, `data.seq_length`, `precision.fp8`)
+`train.micro_batch_size/global_batch_samples/recompute_*`, `data.seq_length`, `precision.fp8`)
 with the key names of `config/schema.py`; `load_config(path, ["train.train_iters=..."])` or
 merging it into a stage config gives a runnable training config. `--tp/--pp/--vpp/--cp/--mbs/
 --first-stage-layers/--recompute/--vision` pin parts of the layout; a pinned layout that cannot run
@@ -114,7 +114,7 @@ model.vision.intermediate_size=3420`).
 
 ## Workload of the tables
 
-- Packed sequences of {seq} tokens, global batch {batch} sequences (stage 2 of the recipe),
+- Packed sequences of {seq} tokens, global batch {batch} samples ({batch} x {sample} / {seq} sequences),
   micro-batch 1 or 2 rows.
 - Samples of {sample} tokens packed back to back (attention per sample), one image each of at
   most {pixels} px (`data.max_pixels`): a square of {grid} patches (t, h, w) = 1296 ViT patches,

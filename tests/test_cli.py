@@ -105,7 +105,7 @@ def test_optional_packages_a_config_turns_on_are_checked_at_load(tmp_path, monke
 def _train_config(tmp_path, tiny, datasets, tp=1):
     path = tmp_path / "train.yaml"
     path.write_text(f"model: {{preset: tiny, backend: local}}\nparallel: {{tensor_model_parallel_size: {tp}}}\n"
-                    f"train: {{train_iters: 1, global_batch_size: 1}}\n"
+                    f"train: {{train_iters: 1, global_batch_samples: 1}}\n"
                     f"data: {{tokenizer: {tiny['qwen3']}, datasets: {datasets}}}\n")
     return str(path)
 

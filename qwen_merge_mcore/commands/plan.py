@@ -2,10 +2,10 @@ NAME = "plan"
 HELP = ("Rank parallel layouts (TP/PP/VPP/CP/DP, recompute) by predicted step time, memory and MFU on a GPU "
         "cluster; write the best as a training-config override.")
 EXAMPLES = [
-    "qmm plan --preset qwen-merge-72bvit-32b --gpus 256 --gpu h100-80gb --seq-length 8192 --global-batch 512",
+    "qmm plan --preset qwen-merge-72bvit-32b --gpus 256 --gpu h100-80gb --seq-length 8192 --global-batch-samples 512",
     "qmm plan --preset qwen-merge-72bvit-8b --gpus 64 --fp8 --json --top 3",
     "qmm plan --preset qwen-merge-72bvit-32b --gpus 256 --write-override work/plan-32b.yaml",
-    "qmm plan --preset llama3-70b --gpus 64 --fp8 --global-batch 128 --sample-length 8192 --freeze",
+    "qmm plan --preset llama3-70b --gpus 64 --fp8 --global-batch-samples 128 --sample-length 8192 --freeze",
 ]
 
 
@@ -15,7 +15,9 @@ def add_arguments(p) -> None:
     p.add_argument("--gpus", type=int, required=True, help="GPUs in the job")
     p.add_argument("--gpu", default="h100-80gb", help="GPU type: h100-80gb (default) or h200-141gb")
     p.add_argument("--seq-length", type=int, default=8192, help="packed sequence length (default 8192)")
-    p.add_argument("--global-batch", type=int, default=512, help="sequences per optimizer step (default 512)")
+    p.add_argument("--global-batch-samples", type=int, default=512,
+                   help="samples per optimizer step, as train.global_batch_samples (default 512); they pack into "
+                        "samples x sample length / seq length sequences")
     p.add_argument("--fp8", action="store_true", help="FP8 decoder GEMMs (Transformer Engine)")
     p.add_argument("--sample-length", type=int, default=2048,
                    help="mean sample length inside a packed sequence; attention is per sample (default 2048)")
@@ -62,14 +64,14 @@ def run(args) -> int:
 
     if args.preset not in known_models():
         raise ValueError(f"unknown --preset {args.preset!r}; known: {', '.join(known_models())}")
-    for name in ("gpus", "seq_length", "global_batch", "sample_length", "top"):
+    for name in ("gpus", "seq_length", "global_batch_samples", "sample_length", "top"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     if args.images_per_sample < 0:
         raise ValueError("--images-per-sample must be >= 0")
     target = plan_model(args.preset)
     grids = () if target.text_only else (image_grid(args.image_pixels, target.model.vision),) * args.images_per_sample
-    workload = Workload(seq_length=args.seq_length, global_batch=args.global_batch,
+    workload = Workload(seq_length=args.seq_length, global_batch_samples=args.global_batch_samples,
                         sample_length=min(args.sample_length, args.seq_length), image_grids_per_sample=grids,
                         freeze=tuple(args.freeze), fp8=args.fp8)
     choice = LayoutChoice(tp=args.tp, pp=args.pp, vpp=args.vpp, cp=args.cp, micro_batch=args.mbs,

@@ -19,15 +19,16 @@ import yaml
 
 from .errors import ConfigError
 from .presets import model_preset
-from .schema import ExperimentConfig
+from .schema import RETIRED_KEYS, ExperimentConfig
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                check_runtime: bool = True) -> ExperimentConfig:
+                check_runtime: bool = True, world_size: int | None = None) -> ExperimentConfig:
     """Read a YAML experiment config, apply `a.b.c=value` overrides and validate.
 
     `check_runtime` also checks what this machine can do (FP8 needs Transformer Engine);
-    tools that only inspect configs for another machine pass False.
+    tools that only inspect configs for another machine pass False. `world_size`: also check
+    that the layout and the batch work on that many GPUs.
     """
     raw: dict[str, Any] = {}
     if path is not None:
@@ -41,7 +42,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError("", f"{path} must hold a mapping at the top level")
     for item in overrides or []:
         apply_override(raw, item)
-    return config_from_dict(raw, check_runtime=check_runtime)
+    cfg = config_from_dict(raw, check_runtime=check_runtime)
+    if world_size is not None:
+        cfg.data_parallel_size(world_size)
+    return cfg
 
 
 def config_from_dict(raw: dict[str, Any], check_runtime: bool = True) -> ExperimentConfig:
@@ -129,6 +133,8 @@ def build_dataclass(cls: type, raw: Any, prefix: str) -> Any:
     kwargs = {}
     for key, value in raw.items():
         path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names and path in RETIRED_KEYS:
+            raise ConfigError(path, RETIRED_KEYS[path])
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(names)}"

@@ -247,7 +247,9 @@ class TrainConfig:
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
-    global_batch_size: int = 128
+    # Samples per optimizer step (the recipe's batch). Each step packs them into exactly DP x M
+    # micro-batches of at most data.seq_length tokens, M chosen per step (data/packing.py).
+    global_batch_samples: int = 128
     micro_batch_size: int = 1
     epochs: Optional[float] = None  # one of epochs / train_iters sets the length
     train_iters: Optional[int] = None
@@ -260,7 +262,7 @@ class TrainConfig:
     engine: Literal["auto", "gpu", "cpu"] = "auto"
 
     def validate(self, prefix: str = "train") -> None:
-        _positive(self, prefix, "lr", "adam_eps", "global_batch_size", "micro_batch_size")
+        _positive(self, prefix, "lr", "adam_eps", "global_batch_samples", "micro_batch_size")
         _require(self.weight_decay >= 0, f"{prefix}.weight_decay", f"must be >= 0, got {self.weight_decay}")
         for beta in ("adam_beta1", "adam_beta2"):
             _require(0 <= getattr(self, beta) < 1, f"{prefix}.{beta}", f"must lie in [0, 1), got {getattr(self, beta)}")
@@ -313,6 +315,8 @@ class DataConfig:
     video_fps: float = 2.0
     video_max_frames: int = 64
     video_max_pixels: int = 50176
+    # How a step's samples become DP x M micro-batches (data/packing.py).
+    packing: Literal["first_fit_decreasing"] = "first_fit_decreasing"
     max_bad_fraction: float = 0.01  # stop when more than this fraction of samples is unusable
     num_workers: int = 2
     shuffle: bool = True
@@ -397,6 +401,26 @@ class ExperimentConfig:
                      f"{self.data.pad_to_multiple_of} is not a multiple of {multiple}: {recipe} FP8 needs "
                      f"{fp8_token_alignment(recipe, par.sequence_parallel)} tokens per rank{split}; set "
                      f"data.pad_to_multiple_of={multiple}")
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """DP on `world_size` GPUs; refuses a world the layout or the batch cannot use."""
+        mp = self.parallel.model_parallel_size
+        _require(world_size > 0 and world_size % mp == 0, "parallel",
+                 f"world size {world_size} is not a multiple of TP x PP x CP = {mp}")
+        dp = world_size // mp
+        per_rank = self.train.micro_batch_size
+        _require(self.train.global_batch_samples >= dp * per_rank, "train.global_batch_samples",
+                 f"{self.train.global_batch_samples} samples per step cannot give each of the {dp} data-parallel "
+                 f"ranks ({world_size} GPUs / TP x PP x CP {mp}) {per_rank} sample(s); use at least {dp * per_rank} "
+                 f"or fewer data-parallel ranks")
+        return dp
+
+
+# Keys that were renamed or removed: the hint replaces "unknown key".
+RETIRED_KEYS = {
+    "train.global_batch_size": "batches are counted in samples now: set train.global_batch_samples (the "
+                               "recipe's samples per step, e.g. 256 for stage 1) instead of packed sequences",
+}
 
 
 def validate_layout(model: ModelConfig, parallel: ParallelConfig) -> None:

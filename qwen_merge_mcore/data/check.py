@@ -85,13 +85,17 @@ def check_mix(data_cfg, model_cfg, tokenizer_dir, samples: int, seed: int) -> tu
     from .loader import build_train_iterator
 
     tokenizer = load_tokenizer(tokenizer_dir) if isinstance(tokenizer_dir, (str, os.PathLike)) else tokenizer_dir
-    it = build_train_iterator(data_cfg, model_cfg, tokenizer, seed=seed, window=min(samples, 512))
+    it = build_train_iterator(data_cfg, model_cfg, tokenizer, seed=seed, step_samples=min(samples, 512))
     it.bad.max_bad_fraction = 1.0  # report every bad sample; the fraction is judged at the end
     lengths: list[int] = []
     decoded = 0
-    while it.bad.seen < samples and it.pass_index == 0:
-        for packed in it._build_window():
-            if it._collate(packed) is None:  # every sample of it failed to decode
+    while it.bad.seen < samples:
+        it.next_step()
+        if it.pass_index:
+            break
+        for packed in list(it._step):
+            next(it)
+            if not it.last_row_ids:  # an empty slot, or every sample of it failed to decode
                 continue
             decoded += 1
             kept = Counter(it.last_row_ids)
@@ -99,14 +103,13 @@ def check_mix(data_cfg, model_cfg, tokenizer_dir, samples: int, seed: int) -> tu
                 if kept[s.row_id]:
                     kept[s.row_id] -= 1
                     lengths.append(len(s))
-        it._advance_window()
     counts = dict(it.bad.counts)
     checked, bad = it.bad.seen, it.bad.bad
     ok = bad <= data_cfg.max_bad_fraction * checked
     lines = [f"samples checked: {checked}, usable: {len(lengths)}, bad: {bad} {counts}",
              f"packed sequences decoded through DALI: {decoded}"]
     if lengths:
-        eff = packing_efficiency(lengths, it.capacity, data_cfg.pad_to_multiple_of, it.window)
+        eff = packing_efficiency(lengths, it.capacity, data_cfg.pad_to_multiple_of, it.step_samples)
         lines.append(f"tokens per sample: mean {sum(lengths) / len(lengths):.0f}, max {max(lengths)}; "
                      f"packing efficiency into {it.capacity}: {eff:.4f}")
     if not ok:

@@ -1,11 +1,12 @@
 """The training iterator: mix -> read -> template -> pack -> DALI preprocessing -> `Batch`.
 
-Each pass over the mix (see mixture.py) is cut into windows of `window` samples per data-parallel
-rank; rank r takes every dp_size-th sample of a window. A window is prepared (rows parsed, media
-headers read, tokenised, MRoPE positions computed), packed first-fit-decreasing, and its bins are
-emitted one per `__next__`, images decoded only then. The state is (pass, window, bins emitted):
-a window is rebuilt deterministically on resume, so a resumed run continues with the next bin it
-had not emitted, i.e. the next unseen sample.
+A step takes the next `step_samples` samples of the current pass over the mix (see mixture.py;
+the last step of a pass takes what is left). Every data-parallel rank prepares all of them (rows
+parsed, media headers read, tokenised, MRoPE positions computed) and computes the same assignment
+to DP x M micro-batches (packing.py), so all ranks agree on M without communicating; each then
+emits its own M micro-batches, one per `__next__`, decoding images only then. The state is the
+sample position (pass, first sample of the step) and the micro-batches emitted: a step is rebuilt
+deterministically on resume, so a resumed run continues with the next unseen sample, at any DP.
 """
 
 from __future__ import annotations
@@ -22,13 +23,13 @@ from ..positions import mrope_position_ids
 from .errors import BadSample, BadSampleCounter, log
 from .formats import row_label, to_sample
 from .mixture import Mixture
-from .packing import PackedSample, collate_packed, first_fit_decreasing
+from .packing import PackedSample, assign_micro_batches, collate_packed
 from .readers import dataset_files, open_rows
 from .template import ChatEncoder
 from .video import VideoProcessor, plan_video, probe_video
 from .vision import ImageProcessor, VisionSpec, image_size
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 class KeptSamples(Protocol):
@@ -49,15 +50,16 @@ class _Dataset:
 
 
 class TrainIterator:
-    """`next(it) -> Batch` (one packed sequence); `state_dict()` / `load_state_dict()` for checkpoints.
-
-    Infinite: after the last window of a pass the next pass starts in a new order.
+    """`next_step() -> M` opens the next step (this rank's M micro-batches, the same M on every
+    rank); `next(it) -> Batch` (one packed sequence) gives them in turn and opens the next step by
+    itself at the end of one; `state_dict()` / `load_state_dict()` for checkpoints; `len()`: steps
+    per pass. Infinite: after the last step of a pass the next pass starts in a new order.
     """
 
     def __init__(self, data_cfg, model_cfg, tokenizer, dp_rank: int = 0, dp_size: int = 1,
                  micro_batch_tokens: Optional[int] = None, seed: int = 0, device_id: Optional[int] = None,
-                 window: int = 512, pad_to_full: bool = False, decode_media: bool = True,
-                 kept_samples: Optional["KeptSamples"] = None):
+                 step_samples: int = 512, pad_to_full: bool = False, decode_media: bool = True,
+                 kept_samples: Optional["KeptSamples"] = None, microbatch_multiple: int = 1):
         if not data_cfg.datasets:
             raise ValueError("data.datasets is empty")
         if not decode_media and kept_samples is None:
@@ -66,7 +68,10 @@ class TrainIterator:
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank {dp_rank} outside 0..{dp_size - 1}")
         self.cfg, self.model_cfg = data_cfg, model_cfg
-        self.dp_rank, self.dp_size, self.seed, self.window = dp_rank, dp_size, seed, window
+        if step_samples <= 0:
+            raise ValueError(f"step_samples must be > 0, got {step_samples}")
+        self.dp_rank, self.dp_size, self.seed, self.step_samples = dp_rank, dp_size, seed, step_samples
+        self.microbatch_multiple = microbatch_multiple  # M is a multiple of it (PP, for interleaving)
         tokens = micro_batch_tokens or data_cfg.seq_length
         if tokens > data_cfg.seq_length:
             raise ValueError(f"micro_batch_tokens {tokens} exceeds data.seq_length {data_cfg.seq_length}")
@@ -87,11 +92,10 @@ class TrainIterator:
             self.images = ImageProcessor(self.spec, device_id, num_threads=threads)
             self.videos = VideoProcessor(self.spec, device_id, num_threads=threads)
         self.bad = BadSampleCounter(data_cfg.max_bad_fraction)
-        self.pass_index, self.window_index, self.bins_done = 0, 0, 0
+        self.pass_index, self.offset, self.done = 0, 0, 0  # the step's first sample; micro-batches emitted
         self._order: Optional[np.ndarray] = None
-        self._bins: Optional[list[list[PackedSample]]] = None
+        self._step: Optional[list[list[PackedSample]]] = None  # this rank's micro-batches of the step
         self.last_row_ids: list[str] = []  # the samples of the batch last returned (for logs)
-        self._empty_windows = 0  # consecutive windows without a usable sample
 
     @staticmethod
     def _open(i: int, ds) -> _Dataset:
@@ -104,48 +108,46 @@ class TrainIterator:
     def __iter__(self):
         return self
 
+    def __len__(self) -> int:
+        return -(-len(self.mixture) // self.step_samples)
+
+    def next_step(self) -> int:
+        """Open the next step (unless one is open and untouched, as after a resume); -> its M."""
+        if self._step is not None and self.done == 0:
+            return len(self._step)
+        if self._step is not None:
+            if self.done < len(self._step):
+                raise RuntimeError(f"next_step() after {self.done} of the step's {len(self._step)} micro-batches")
+            self._advance()
+        self._step = self._build_step()
+        return len(self._step)
+
     def __next__(self) -> Batch:
-        while True:
-            if self._bins is None:
-                self._bins = self._build_window()
-            if self.bins_done < len(self._bins):
-                samples = self._bins[self.bins_done]
-                self.bins_done += 1
-                batch = self._collate(samples)
-                if batch is not None:
-                    return batch
-                continue
-            self._advance_window()
+        if self._step is None or self.done == len(self._step):
+            self.next_step()
+        samples = self._step[self.done]
+        self.done += 1
+        return self._collate(samples)
 
-    def _advance_window(self) -> None:
-        self._empty_windows = 0 if self._bins else self._empty_windows + 1
-        windows_per_pass = -(-len(self.mixture) // (self.window * self.dp_size))
-        if self._empty_windows > windows_per_pass:
-            raise ValueError(f"a whole pass over the data mix gave data-parallel rank {self.dp_rank} no usable "
-                             f"sample ({len(self.mixture)} samples for {self.dp_size} ranks; bad: "
-                             f"{dict(self.bad.counts)})")
-        self._bins, self.bins_done = None, 0
-        self.window_index += 1
-        if self.window_index * self.window * self.dp_size >= len(self.mixture):
-            self.pass_index, self.window_index, self._order = self.pass_index + 1, 0, None
+    def _advance(self) -> None:
+        self._step, self.done = None, 0
+        self.offset += self.step_samples
+        if self.offset >= len(self.mixture):
+            self.pass_index, self.offset, self._order = self.pass_index + 1, 0, None
 
-    def _window_entries(self) -> np.ndarray:
-        if self._order is None:
-            self._order = self.mixture.order(self.pass_index)
-        span = self.window * self.dp_size
-        start = self.window_index * span
-        return self._order[start:start + span][self.dp_rank::self.dp_size]
-
-    def _build_window(self) -> list[list[PackedSample]]:
-        prepared = []
-        for ds_index, row_index in self._window_entries().tolist():
-            sample = self._prepare(ds_index, row_index)
-            if sample is not None:
-                prepared.append(sample)
-        bins = first_fit_decreasing([len(s) for s in prepared], self.capacity)
-        # FFD emits long samples first; shuffle the bins so a run sees lengths mixed.
-        rng = np.random.default_rng([self.seed, self.pass_index, self.window_index, self.dp_rank])
-        return [[prepared[i] for i in bins[b]] for b in rng.permutation(len(bins))]
+    def _build_step(self) -> list[list[PackedSample]]:
+        for _ in range(len(self) + 1):
+            if self._order is None:
+                self._order = self.mixture.order(self.pass_index)
+            entries = self._order[self.offset:self.offset + self.step_samples].tolist()
+            prepared = [s for s in (self._prepare(d, r) for d, r in entries) if s is not None]
+            if prepared:
+                plan = assign_micro_batches([len(s) for s in prepared], self.capacity, self.dp_size, self.cfg.packing,
+                                            self.microbatch_multiple)
+                return [[prepared[i] for i in slot] for slot in plan[self.dp_rank]]
+            self._advance()
+        raise ValueError(f"a whole pass over the data mix gave no usable sample ({len(self.mixture)} samples; "
+                         f"bad: {dict(self.bad.counts)})")
 
     # -- one sample ---------------------------------------------------------------------------
     def _prepare(self, ds_index: int, row_index: int) -> Optional[PackedSample]:
@@ -182,7 +184,7 @@ class TrainIterator:
             raise BadSample("image_token_mismatch", str(err)) from None
 
     # -- one packed sequence ------------------------------------------------------------------
-    def _collate(self, samples: list[PackedSample]) -> Optional[Batch]:
+    def _collate(self, samples: list[PackedSample]) -> Batch:
         """Decode the bin's media (all its images in one DALI batch); a sample whose media fail is
         dropped from the bin and counted. Without `decode_media` (pipeline stages after the first
         never see pixels) the bin drops what the decoding stage dropped, as `kept_samples` tells,
@@ -226,31 +228,42 @@ class TrainIterator:
             self.bad.skip(row_id, err, already_seen=True)
         return self._pack(usable, _vision(pixels, grids), _vision(vpixels, vgrids))
 
-    def _pack(self, usable: list[PackedSample], images, videos) -> Optional[Batch]:
-        if not usable:
-            return None
+    def _pack(self, usable: list[PackedSample], images, videos) -> Batch:
+        """An empty slot (too few samples in the step, or all of the bin's media failed) becomes a
+        padding-only micro-batch with no loss tokens: every rank still runs its M micro-batches."""
         self.last_row_ids = [s.row_id for s in usable]
         return collate_packed(usable, self.pad_id, self.cfg.pad_to_multiple_of, self.pad_to, images, videos)
 
     # -- checkpointing ------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"version": STATE_VERSION, "seed": self.seed, "dp_rank": self.dp_rank, "dp_size": self.dp_size,
-                "window": self.window, "pass_index": self.pass_index, "window_index": self.window_index,
-                "bins_done": self.bins_done, "bad": self.bad.state_dict()}
+        """The sample position: a finished step is recorded as the start of the next one."""
+        pass_index, offset, done = self.pass_index, self.offset, self.done
+        if self._step is not None and done == len(self._step):
+            offset, done = offset + self.step_samples, 0
+            if offset >= len(self.mixture):
+                pass_index, offset = pass_index + 1, 0
+        return {"version": STATE_VERSION, "seed": self.seed, "step_samples": self.step_samples,
+                "dp_size": self.dp_size, "packing": self.cfg.packing, "pass_index": pass_index, "offset": offset,
+                "done": done, "bad": self.bad.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"data iterator state version {state.get('version')} != {STATE_VERSION}")
-        same = all(state[k] == getattr(self, k) for k in ("seed", "dp_rank", "dp_size", "window"))
-        self.pass_index, self.window_index = state["pass_index"], state["window_index"]
-        self.bins_done = state["bins_done"] if same else 0
-        if not same:
-            log.warning("data state from seed/dp_rank/dp_size/window %s differs from this run's; resuming at "
-                        "the start of window %d of pass %d", {k: state[k] for k in ("seed", "dp_rank", "dp_size",
-                                                                                    "window")},
-                        self.window_index, self.pass_index)
+        if state["seed"] != self.seed:
+            log.warning("data state from seed %s, this run has seed %s: resuming at the same sample position of "
+                        "another order", state["seed"], self.seed)
+        self.pass_index, self.offset = state["pass_index"], state["offset"]
+        # Within a step, the micro-batches emitted depend on the step's size, DP and packing.
+        same = all(state[k] == v for k, v in (("step_samples", self.step_samples), ("dp_size", self.dp_size),
+                                               ("packing", self.cfg.packing)))
+        self.done = state["done"] if same else 0
+        if state["done"] and not same:
+            log.warning("data state saved mid-step with another step size, DP or packing: repeating the step "
+                        "from its first sample")
         self.bad.load_state_dict(state["bad"])
-        self._order, self._bins = None, None
+        self._order, self._step = None, None
+        if self.done:
+            self._step = self._build_step()
 
 
 def _read_media(media, kind: str) -> bytes:

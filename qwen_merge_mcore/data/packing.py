@@ -1,6 +1,8 @@
 """Samples -> packed THD sequences (`Batch` with B = 1 and cu_seqlens).
 
-First-fit-decreasing puts samples into bins of `capacity` tokens; each bin becomes one sequence,
+A step's samples become exactly DP x M micro-batches (`assign_micro_batches`): M is the fewest
+rounds that first-fit-decreasing needs for them, so any data-parallel size works. First-fit-decreasing
+puts samples into bins of `capacity` tokens; each bin becomes one sequence,
 padded to a multiple of `pad_to_multiple_of` (FP8 GEMMs need it) and, when asked, to the full
 capacity (fixed shapes for pipeline parallelism). Positions restart at 0 for every sample, labels are
 the next token within the sample, and the loss mask is 0 on prompts, sample ends and padding.
@@ -52,6 +54,23 @@ def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int
     return bins
 
 
+def assign_micro_batches(lengths: Sequence[int], capacity: int, dp_size: int,
+                         policy: str = "first_fit_decreasing", multiple: int = 1) -> list[list[list[int]]]:
+    """The step's samples (indices into `lengths`) as [DP rank][micro-batch slot] lists: exactly
+    DP x M micro-batches, M the same for every rank, each sample in exactly one, none over
+    `capacity` tokens (a slot may be empty when the step has too few samples). M is rounded up to a
+    `multiple` (the interleaved pipeline schedule wants M divisible by PP). Depends only on the
+    arguments, so every rank computes the same assignment from the same sample list.
+
+    first_fit_decreasing: the FFD bins, dealt to the ranks in turn (slot s of rank r is bin s*DP + r)."""
+    bins = first_fit_decreasing(lengths, capacity)
+    rounds = -(-max(1, -(-len(bins) // dp_size)) // multiple) * multiple
+    if policy != "first_fit_decreasing":
+        raise ValueError(f"unknown packing policy {policy!r}")
+    bins += [[] for _ in range(rounds * dp_size - len(bins))]
+    return [[bins[s * dp_size + r] for s in range(rounds)] for r in range(dp_size)]
+
+
 def padded_length(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
@@ -93,7 +112,7 @@ def collate_packed(samples: Sequence[PackedSample], pad_id: int, pad_to_multiple
 
 
 def packing_efficiency(lengths: Sequence[int], capacity: int, pad_to_multiple_of: int, window: int) -> float:
-    """Real tokens / tokens computed when each window of samples is packed FFD (as the loader does)."""
+    """Real tokens / tokens computed when each step's `window` samples are packed FFD."""
     computed = 0
     for start in range(0, len(lengths), window):
         chunk = lengths[start:start + window]

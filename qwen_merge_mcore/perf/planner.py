@@ -3,7 +3,9 @@
 A `Layout` (TP, PP, VPP, CP, DP, micro-batch, first-stage layers, recomputation, ViT placement)
 is valid when
 `ParallelConfig.validate` and `config.validate_layout` accept it (the same rules training
-enforces) and the batch splits into whole micro-batches. For each valid layout `estimate`
+enforces) and every data-parallel rank gets a sample. The batch counts samples, as training does:
+they pack into `Workload.sequences` full sequences, which the step spreads as M =
+ceil(sequences / (DP x micro-batch)) micro-batches per rank. For each valid layout `estimate`
 predicts, per pipeline rank, the memory of one GPU and the time of one micro-batch
 (forward + backward), then the step:
 
@@ -65,7 +67,7 @@ class Workload:
     """What one optimizer step trains."""
 
     seq_length: int
-    global_batch: int  # packed sequences per step
+    global_batch_samples: int  # samples per step (train.global_batch_samples)
     sample_length: int  # mean sample length inside a packed sequence (attention is per sample)
     image_grids_per_sample: tuple[Grid, ...] = ()
     freeze: tuple[str, ...] = ("vision",)
@@ -78,6 +80,15 @@ class Workload:
     @property
     def state_policy(self) -> StatePolicy:
         return dataclasses.replace(MEGATRON_BF16, grad_bytes=4 if self.grad_reduce_in_fp32 else 2)
+
+    @property
+    def sequences(self) -> int:
+        """Packed sequences of seq_length tokens the step's samples fill."""
+        return -(-self.global_batch_samples * self.sample_length // self.seq_length)
+
+    def microbatches(self, dp: int, mbs: int) -> int:
+        """M per data-parallel rank: the sequences spread over DP, rounded up."""
+        return -(-self.sequences // (dp * mbs))
 
     def micro_batch(self, mbs: int) -> BatchStats:
         row = BatchStats.packed(self.seq_length, self.sample_length, self.image_grids_per_sample)
@@ -220,9 +231,10 @@ def check_layout(target: PlanModel, workload: Workload, layout: Layout, gpu: GPU
         raise LayoutError(f"seq_length/CP = {workload.seq_length // layout.cp} is not divisible by TP={layout.tp} "
                           "(sequence parallelism)")
     per_step = layout.micro_batch * layout.dp
-    if workload.global_batch % per_step:
-        raise LayoutError(f"global batch {workload.global_batch} is not a multiple of micro_batch x DP = {per_step}")
-    micro = workload.global_batch // per_step
+    if workload.global_batch_samples < per_step:
+        raise LayoutError(f"{workload.global_batch_samples} samples per step leave some of the micro_batch x DP = "
+                          f"{per_step} slots without a sample")
+    micro = workload.microbatches(layout.dp, layout.micro_batch)
     if layout.vpp and micro % layout.pp:
         raise LayoutError(f"{micro} micro-batches are not a multiple of PP={layout.pp} (interleaved schedule)")
     layers = parallel.stage_layer_counts(target.model.language.num_layers)
@@ -265,7 +277,7 @@ def estimate(target: PlanModel, workload: Workload, layout: Layout, gpu: GPUSpec
     replicated = layout.vision == "replicated"
     tp, pp, cp, dp, v = layout.tp, layout.pp, layout.cp, layout.dp, layout.virtual
     mb = workload.micro_batch(layout.micro_batch)
-    micro = workload.global_batch // (layout.micro_batch * dp)
+    micro = workload.microbatches(dp, layout.micro_batch)
     fwd = cache.forward(target, workload, layout.micro_batch, tp)
     back = backward_multipliers(workload.freeze)
     lang_passes = 1 + back["language"]  # forward + backward passes, in forward units
@@ -350,14 +362,14 @@ def estimate(target: PlanModel, workload: Workload, layout: Layout, gpu: GPUSpec
         dp_exposed = max(dp_exposed, max(0.0, rs - r.time_s * 2 / 3) + max(0.0, ag - r.time_s / 3))
         opt = max(opt, trainable / dp_cp * cost.optimizer_bytes_per_param / (gpu.hbm_bandwidth * cost.hbm_efficiency))
     step = pipeline + dp_exposed + opt
-    per_step = micro * dp
+    per_step = workload.sequences / layout.micro_batch  # the step's work; M x DP slots may hold less
     model_flops = step_flops(model, mb, workload.freeze, None, tp) * per_step
     hardware_flops = step_flops(model, mb, workload.freeze, layout.recompute, tp) * per_step
     return Estimate(layout=layout, microbatches=micro, ranks=tuple(ranks), step_time_s=step,
                     step_breakdown={"pipeline": pipeline, "bubble": (pp - 1) / v * t_mean,
                                     "dp_exposed": dp_exposed, "optimizer": opt},
                     model_flops=model_flops, hardware_flops=hardware_flops,
-                    tokens_per_step=workload.global_batch * workload.seq_length,
+                    tokens_per_step=workload.sequences * workload.seq_length,
                     gpu_memory_bytes=gpu.memory_bytes, peak_bf16_flops=gpu.peak_bf16_flops)
 
 

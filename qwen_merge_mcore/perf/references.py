@@ -49,7 +49,7 @@ class Reference:
     def workload(self) -> Workload:
         # Pre-training on full 8192-token documents: one sample per row, nothing frozen, all
         # decoder layers in FP8, gradients reduced in bf16 (NeMo's performance recipes).
-        return Workload(seq_length=self.seq_length, global_batch=self.global_batch, sample_length=self.seq_length,
+        return Workload(seq_length=self.seq_length, global_batch_samples=self.global_batch, sample_length=self.seq_length,
                         freeze=(), fp8=self.fp8, bf16_layers_at_ends=(0, 0), grad_reduce_in_fp32=False)
 
 

@@ -12,7 +12,7 @@ from .planner import CostModel, Estimate, Plan
 def override_dict(plan: Plan, est: Estimate) -> dict:
     """The chosen layout as an `ExperimentConfig` fragment (key names of config/schema.py)."""
     lay = est.layout
-    train = {"global_batch_size": plan.workload.global_batch, "micro_batch_size": lay.micro_batch,
+    train = {"global_batch_samples": plan.workload.global_batch_samples, "micro_batch_size": lay.micro_batch,
              "recompute_granularity": lay.recompute}
     if lay.recompute == "full":
         train.update(recompute_method="uniform", recompute_num_layers=1)
@@ -54,7 +54,8 @@ def plan_dict(plan: Plan, top: int, cost: CostModel) -> dict:
         "parameters_by_part": {"vision": padded.vision, "projector": padded.projector,
                                "language": padded.language},
         "gpus": plan.gpus, "gpu": plan.gpu.name,
-        "workload": {**dataclasses.asdict(w), "tokens_per_step": w.global_batch * w.seq_length},
+        "workload": {**dataclasses.asdict(w), "sequences_per_step": w.sequences,
+                     "tokens_per_step": w.sequences * w.seq_length},
         "cost_model": dataclasses.asdict(cost),
         "valid_layouts": len(plan.estimates) + len(plan.not_fitting),
         "fitting_layouts": len(plan.estimates),
@@ -88,7 +89,8 @@ def plan_summary(plan: Plan) -> str:
     w = plan.workload
     images = len(w.image_grids_per_sample)
     return (f"{plan.target.name}: {padded.total:,} parameters ({unpadded.total:,} unpadded, HF); "
-            f"{plan.gpus} x {plan.gpu.name}, {w.global_batch} x {w.seq_length} tokens per step, samples of "
+            f"{plan.gpus} x {plan.gpu.name}, {w.global_batch_samples} samples per step (~{w.sequences} sequences of "
+            f"{w.seq_length} tokens), samples of "
             f"{w.sample_length} tokens with {images} image(s) each, {'FP8' if w.fp8 else 'BF16'}, "
             f"frozen: {', '.join(w.freeze) or 'nothing'}; {len(plan.estimates)} of "
             f"{len(plan.estimates) + len(plan.not_fitting)} valid layouts fit")

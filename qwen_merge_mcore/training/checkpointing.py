@@ -250,8 +250,10 @@ class Checkpointer:
             tmp.mkdir(parents=True)
         dist.barrier()
         state = _sharded_state(engine, data_state, is_loading=False)
+        # Rank 0's data state once more in the common state: the sample position, the same on every
+        # rank, lets a run resumed at another layout continue with the next unseen sample.
         state.update(scheduler=scheduler.state_dict(), train_state=asdict(train_state), layout=_layout(),
-                     **(extra or {}))
+                     data_position=data_state, **(extra or {}))
         request = save_dist_checkpoint(state, str(tmp), async_sharded_save=self.async_queue is not None)
         if self.save_hf is not None:  # inside the checkpoint's temp folder: published with it
             export_hf(engine.unwrapped(), tmp / HF_DIR, self.hf_meta, self.save_hf)
@@ -331,9 +333,12 @@ class Checkpointer:
         if same_layout:
             _set_rng_state(loaded["rng"])
             data_iter.load_state_dict(loaded["data"])
-        elif dist.get_rank() == 0:
-            print(f"[checkpoint] layout changed {common['layout']} -> {_layout()}: model and optimizer resharded, "
-                  "RNG and data order start afresh", flush=True)
+        else:
+            if common.get("data_position") is not None:
+                data_iter.load_state_dict(common["data_position"])
+            if dist.get_rank() == 0:
+                print(f"[checkpoint] layout changed {common['layout']} -> {_layout()}: model and optimizer "
+                      "resharded, RNG afresh, data at the saved sample position", flush=True)
         return TrainState(**common["train_state"])
 
     def _intact(self, latest: int) -> int:

@@ -1,6 +1,7 @@
-"""The training loop's data source: the seam to the data pipeline (an endless iterator of
-micro-batches, `Batch`, for this data-parallel rank, with `state_dict()` / `load_state_dict()` for
-the sampler position), the tokenizer it uses, and how many micro-batches and steps a run takes."""
+"""The training loop's data source: the seam to the data pipeline (per step, `next_step()` gives
+this data-parallel rank's micro-batch count M, the same on every rank, then `next()` its M
+micro-batches, `Batch`; `state_dict()` / `load_state_dict()` for the sample position; `len()`
+steps per pass), the tokenizer it uses, and how many steps a run takes."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from ..config import ExperimentConfig
 
 
 class DataSource(Protocol):
+    def next_step(self) -> int: ...
+
     def __iter__(self) -> Iterator[Batch]: ...
 
     def __next__(self) -> Batch: ...
@@ -22,7 +25,8 @@ class DataSource(Protocol):
 
 
 def build_data(cfg: ExperimentConfig, dp_rank: int, dp_size: int) -> DataSource:
-    """The data pipeline's packed-sequence iterator for this DP rank (one sequence per micro-batch)."""
+    """The data pipeline's packed-sequence iterator for this DP rank (one sequence per micro-batch;
+    each step takes train.global_batch_samples samples)."""
     import torch
     from megatron.core import parallel_state
 
@@ -33,12 +37,15 @@ def build_data(cfg: ExperimentConfig, dp_rank: int, dp_size: int) -> DataSource:
         raise ValueError("packed training takes one packed sequence per micro-batch: set train.micro_batch_size=1 "
                          "and size micro-batches with data.seq_length")
     # Pipeline stages after the first skip decoding (see pipeline_media.py).
-    pipelined = parallel_state.get_pipeline_model_parallel_world_size() > 1
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    # Megatron's interleaved schedule runs M in groups of PP micro-batches.
+    interleaved = (cfg.parallel.virtual_pipeline_model_parallel_size or 1) > 1
     return build_train_iterator(cfg.data, cfg.model, tokenizer_dir(cfg), dp_rank=dp_rank, dp_size=dp_size,
-                                seed=cfg.train.seed,
+                                seed=cfg.train.seed, step_samples=cfg.train.global_batch_samples,
                                 device_id=torch.cuda.current_device() if torch.cuda.is_available() else None,
                                 decode_media=parallel_state.is_pipeline_first_stage(),
-                                kept_samples=PipelineKeptSamples() if pipelined else None)
+                                kept_samples=PipelineKeptSamples() if pp > 1 else None,
+                                microbatch_multiple=pp if interleaved else 1)
 
 
 def tokenizer_dir(cfg: ExperimentConfig) -> str:
@@ -54,24 +61,15 @@ def tokenizer_dir(cfg: ExperimentConfig) -> str:
                      "checkpoint written by `qmm hf2mcore` (it carries hf_meta/ with the tokenizer)")
 
 
-def num_microbatches(cfg: ExperimentConfig, dp_size: int) -> int:
-    t = cfg.train
-    per_step = t.micro_batch_size * dp_size
-    if t.global_batch_size % per_step:
-        raise ValueError(f"train.global_batch_size={t.global_batch_size} is not a multiple of micro_batch_size x "
-                         f"data-parallel size = {t.micro_batch_size} x {dp_size}")
-    return t.global_batch_size // per_step
-
-
-def train_iters(cfg: ExperimentConfig, data: DataSource, microbatches: int) -> int:
-    """`train.train_iters`, or `train.epochs` over the data's micro-batches per epoch (len())."""
+def train_iters(cfg: ExperimentConfig, data: DataSource) -> int:
+    """`train.train_iters`, or `train.epochs` over the data's steps per pass (len())."""
     if cfg.train.train_iters is not None:
         return cfg.train.train_iters
     try:
         per_epoch = len(data)  # type: ignore[arg-type]
     except TypeError:
         raise ValueError("train.epochs needs a data source that knows its length; set train.train_iters") from None
-    return max(1, math.ceil(cfg.train.epochs * per_epoch / microbatches))
+    return max(1, math.ceil(cfg.train.epochs * per_epoch))
 
 
 class Recorder:

@@ -51,7 +51,7 @@ def run_training(cfg: ExperimentConfig, builder: Optional[ModelBuilder] = None,
     """Train one stage on an initialised process group (see `qwen_merge_mcore.distributed`)."""
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     rank, world = dist.get_rank(), dist.get_world_size()
-    microbatches = data_source.num_microbatches(cfg, dp)
+    cfg.data_parallel_size(world)  # refuses a world the batch cannot use (as `qmm config --world-size`)
     ckpt = Checkpointer(cfg.checkpoint.save, cfg.checkpoint.keep_last, cfg.checkpoint.async_save,
                         checkpointing.find_hf_meta(cfg.checkpoint.pretrained, cfg.checkpoint.save),
                         save_hf=cfg.model if cfg.checkpoint.save_hf else None)
@@ -65,14 +65,14 @@ def run_training(cfg: ExperimentConfig, builder: Optional[ModelBuilder] = None,
         source = checkpointing.load_weights(cfg.checkpoint.pretrained, chunks, cfg.model)
     engine = build_engine(cfg, chunks)
     data = (make_data or data_source.build_data)(cfg, dp_rank, dp)
-    total = data_source.train_iters(cfg, data, microbatches)
+    total = data_source.train_iters(cfg, data)
     scheduler = build_scheduler(engine.optimizer, cfg.train, total)
     state = ckpt.resume(engine, scheduler, data) if resuming else None
     log = StepLogger(cfg, rank, world, state.iteration if state else 0, total,
                      fp8_model=chunks[0].config.fp8 is not None)
     log.info(f"[{cfg.train.stage}] world {world} (TP {cfg.parallel.tensor_model_parallel_size}, PP "
              f"{cfg.parallel.pipeline_model_parallel_size}, DP {dp}), engine {type(engine).__name__}, "
-             f"{microbatches} micro-batches/step, {total} steps; frozen: {', '.join(cfg.train.freeze) or 'none'}\n"
+             f"{cfg.train.global_batch_samples} samples/step in {dp} x M micro-batches ({cfg.data.packing}), {total} steps; frozen: {', '.join(cfg.train.freeze) or 'none'}\n"
              + format_report(report))
     if state:
         log.info(f"[{cfg.train.stage}] resumed from {cfg.checkpoint.save} at iteration {state.iteration}")
@@ -85,6 +85,7 @@ def run_training(cfg: ExperimentConfig, builder: Optional[ModelBuilder] = None,
         while state.iteration < total:
             # ---- one step -----------------------------------------------------------------
             start, lr = time.perf_counter(), engine.optimizer.param_groups[0]["lr"]
+            microbatches = data.next_step()  # M, the same on every rank
             batches = data_source.Recorder(data)
             result = engine.train_step(batches, microbatches)
             state.iteration += 1

@@ -1,4 +1,5 @@
-"""First-fit-decreasing bins and the packed THD batch: boundaries, labels, masks, positions, images."""
+"""First-fit-decreasing bins, a step's DP x M micro-batches, and the packed THD batch: boundaries,
+labels, masks, positions, images."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 
 from qwen_merge_mcore.batch import VisionInput
-from qwen_merge_mcore.data.packing import PackedSample, collate_packed, first_fit_decreasing
+from qwen_merge_mcore.data.packing import PackedSample, assign_micro_batches, collate_packed, first_fit_decreasing
 from qwen_merge_mcore.positions import mrope_position_ids, text_position_ids
 
 
@@ -25,6 +26,33 @@ def _sample(ids, mask, grids=()):
     pos = mrope_position_ids(torch.tensor(ids), torch.tensor(list(grids)).reshape(-1, 3), None,
                              image_token_id=6, video_token_id=7)
     return PackedSample("x", list(ids), list(mask), pos, image_grids=list(grids))
+
+
+def _check_step(plan, lengths, capacity, dp, rounds=None):
+    """Every sample exactly once, no micro-batch over capacity, exactly DP x M micro-batches."""
+    assert len(plan) == dp and len({len(slots) for slots in plan}) == 1
+    if rounds is not None:
+        assert len(plan[0]) == rounds
+    assert sorted(i for slots in plan for slot in slots for i in slot) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in slot) <= capacity for slots in plan for slot in slots)
+
+
+@pytest.mark.parametrize("policy", ["first_fit_decreasing"])
+def test_a_step_becomes_exactly_dp_x_m_micro_batches(policy):
+    import random
+
+    rng = random.Random(0)
+    lengths = [rng.randint(20, 900) for _ in range(300)]
+    for dp in (1, 2, 3, 7, 64, 300):
+        plan = assign_micro_batches(lengths, 1024, dp, policy)
+        ffd_rounds = -(-len(first_fit_decreasing(lengths, 1024)) // dp)
+        _check_step(plan, lengths, 1024, dp)
+        assert len(plan[0]) == ffd_rounds  # the fewest rounds
+        assert plan == assign_micro_batches(lengths, 1024, dp, policy)  # every rank computes the same
+    seven = -(-len(first_fit_decreasing(lengths, 1024)) // 7)  # 21 rounds; M a multiple of 4 (interleaved PP=4)
+    _check_step(assign_micro_batches(lengths, 1024, 7, policy, multiple=4), lengths, 1024, 7, rounds=-(-seven // 4) * 4)
+    few = assign_micro_batches([5, 6], 1024, 4, policy)  # fewer samples than ranks: empty slots
+    _check_step(few, [5, 6], 1024, 4, rounds=1)
 
 
 def test_collate_labels_masks_positions_and_padding():

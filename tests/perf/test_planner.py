@@ -17,7 +17,7 @@ from qwen_merge_mcore.perf.references import CALIBRATION, REFERENCES, VALIDATION
 
 H100 = gpu_spec("h100-80gb")
 QWEN32 = plan_model("qwen-merge-72bvit-32b")
-WORK = Workload(seq_length=8192, global_batch=512, sample_length=2048, image_grids_per_sample=((1, 36, 36),))
+WORK = Workload(seq_length=8192, global_batch_samples=2048, sample_length=2048, image_grids_per_sample=((1, 36, 36),))
 
 
 def qmm(*args):
@@ -31,7 +31,7 @@ def qmm(*args):
     (Layout(tp=4, pp=4, cp=1, dp=4, vpp=3), "does not divide into 4 stages x 3 virtual"),
     (Layout(tp=4, pp=4, cp=1, dp=4, first_stage_layers=5), "remaining 59 decoder layers do not divide"),
     (Layout(tp=4, pp=4, cp=1, dp=4, vpp=2, first_stage_layers=4), "cannot be combined with virtual pipeline"),
-    (Layout(tp=4, pp=1, cp=1, dp=3), "global batch 512 is not a multiple of micro_batch x DP = 3"),
+    (Layout(tp=4, pp=1, cp=1, dp=4096), "2048 samples per step leave some of the micro_batch x DP = 4096 slots"),
     (Layout(tp=2, pp=1, cp=3, dp=1), r"not divisible by 2\*CP=6"),
     (Layout(tp=2, pp=1, cp=1, dp=1, recompute="always"), "recompute must be one of"),
 ])
@@ -57,7 +57,7 @@ def test_impossible_requests_are_refused_with_reason():
 def test_32b_on_256_h100_fits_with_predicted_mfu(tmp_path):
     override = tmp_path / "plan.yaml"
     out = qmm("plan", "--preset", "qwen-merge-72bvit-32b", "--gpus", "256", "--gpu", "h100-80gb", "--seq-length",
-              "8192", "--global-batch", "512", "--json", "--top", "3", "--write-override", str(override))
+              "8192", "--global-batch-samples", "512", "--json", "--top", "3", "--write-override", str(override))
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
     model = QWEN32.model
@@ -66,17 +66,17 @@ def test_32b_on_256_h100_fits_with_predicted_mfu(tmp_path):
     assert best["fits"] and best["memory_gib"] <= H100.memory_bytes / GiB and best["headroom_gib"] >= 0
     assert 0.2 < best["mfu"] < 0.7  # a bf16 dense model on H100 (published runs: 0.35-0.5)
     assert best["tokens_per_s_per_gpu"] == pytest.approx(
-        512 * 8192 / best["step_time_s"] / 256, rel=1e-9)
+        512 * 2048 / best["step_time_s"] / 256, rel=1e-9)  # 512 samples of 2048 tokens: 128 sequences
     assert [x["step_time_s"] for x in doc["layouts"]] == sorted(x["step_time_s"] for x in doc["layouts"])
     # The override loads as a training config with the chosen layout (schema key names).
-    cfg = load_config(override, ["train.train_iters=1"], check_runtime=False)
+    cfg = load_config(override, ["train.train_iters=1"], check_runtime=False, world_size=256)
     lay = best["layout"]
     assert cfg.parallel.tensor_model_parallel_size == lay["tp"]
     assert cfg.parallel.pipeline_model_parallel_size == lay["pp"]
     assert cfg.parallel.virtual_pipeline_model_parallel_size == lay["vpp"]
     assert cfg.parallel.context_parallel_size == lay["cp"]
     assert cfg.parallel.first_stage_layers == lay["first_stage_layers"]
-    assert cfg.train.micro_batch_size == lay["micro_batch"] and cfg.train.global_batch_size == 512
+    assert cfg.train.micro_batch_size == lay["micro_batch"] and cfg.train.global_batch_samples == 512
     assert cfg.train.recompute_granularity == lay["recompute"]
     assert cfg.model.language.num_layers == 64
 
@@ -87,7 +87,7 @@ def test_tiny_plan_parameters_equal_built_model(tiny):
     import torch
     from safetensors import safe_open
 
-    out = qmm("plan", "--preset", "tiny", "--gpus", "8", "--seq-length", "1024", "--global-batch", "16",
+    out = qmm("plan", "--preset", "tiny", "--gpus", "8", "--seq-length", "1024", "--global-batch-samples", "16",
               "--sample-length", "256", "--image-pixels", "50176", "--json", "--top", "1")
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)

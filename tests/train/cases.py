@@ -42,7 +42,7 @@ def resume_and_checkpoint_cases(root: str, tp: int) -> dict:
     kept = _names(root / "full")
     written = sum(f.stat().st_size for f in (root / "full" / "iter_0000007").rglob("*") if f.is_file())
     part = toy_config(tp=tp, checkpoint={"save": str(root / "part"), **ckpt}, train={"train_iters": 7})
-    micro = part.train.global_batch_size // part.train.micro_batch_size // dist.get_world_size() * tp
+    micro = part.train.global_batch_samples // part.train.micro_batch_size // dist.get_world_size() * tp
     stopped = run_training(part, BUILDER, partial(_data, signal_after=4 * micro))
     # As a run started from a converted checkpoint does, the checkpoints carry an hf_meta/. The
     # resumed run saves more often than keep_last: the checkpoint it resumed from is pruned
@@ -141,7 +141,7 @@ def nan_cases(root: str) -> dict:
     """Non-finite losses skip the step (weights untouched) and abort past train.max_nan_steps."""
     out = {}
     cfg = toy_config(tp=dist.get_world_size(), train={"train_iters": 4, "max_nan_steps": 2})
-    poison = {"steps": {2, 3}, "calls": 0, "per_step": cfg.train.global_batch_size}
+    poison = {"steps": {2, 3}, "calls": 0, "per_step": cfg.train.global_batch_samples}
 
     def build(c, **kw):
         model = BUILDER.build(c, **kw)
@@ -187,7 +187,7 @@ def averaging_case(tp: int) -> dict:
     from qwen_merge_mcore.training.model_provider import build_chunks
 
     dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
-    cfg = toy_config(tp=tp, train={"global_batch_size": 3 * dp, "lr": 1e-3, "clip_grad": 0.0})
+    cfg = toy_config(tp=tp, train={"global_batch_samples": 3 * dp, "lr": 1e-3, "clip_grad": 0.0})
     seed_everything(cfg.train.seed)
     engine = CPUEngine(cfg, build_chunks(cfg, BUILDER))
     source = _data(cfg, rank, dp)

@@ -39,6 +39,9 @@ class TextOnlyLast:
     def __iter__(self):
         return self
 
+    def next_step(self) -> int:
+        return self.source.next_step()
+
     def __next__(self) -> Batch:
         batch = next(self.source)
         self.served += 1
@@ -55,7 +58,7 @@ class TextOnlyLast:
 
 
 def text_only_last_data(cfg, rank, size, stop_after=None):
-    per_step = cfg.train.global_batch_size // cfg.train.micro_batch_size // size
+    per_step = cfg.train.global_batch_samples // cfg.train.micro_batch_size // size
     return TextOnlyLast(synthetic(cfg, rank, size), cfg.model, per_step, stop_after)
 
 
@@ -64,7 +67,7 @@ def _cpu_engine(**train):
     from qwen_merge_mcore.training.loop import seed_everything
     from qwen_merge_mcore.training.model_provider import build_chunks
 
-    cfg = tiny_config(train={"global_batch_size": 2, **train})
+    cfg = tiny_config(train={"global_batch_samples": 2, **train})
     seed_everything(cfg.train.seed)
     return cfg, CPUEngine(cfg, build_chunks(cfg, BUILDER))
 
@@ -164,7 +167,7 @@ def _step_batches(cfg) -> list[Batch]:
     return [next(data) for _ in range(3)]
 
 
-ONE_STEP = {"global_batch_size": 3, "lr": 1e-3, "clip_grad": 0.5, "weight_decay": 0.0}
+ONE_STEP = {"global_batch_samples": 3, "lr": 1e-3, "clip_grad": 0.5, "weight_decay": 0.0}
 
 
 def gpu_engine_step(root: str) -> dict:

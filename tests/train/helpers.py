@@ -11,7 +11,7 @@ def tiny_config(tp: int = 1, **sections) -> ExperimentConfig:
     raw = {"model": {"preset": "tiny", "backend": "local"},
            "parallel": {"tensor_model_parallel_size": tp},
            "precision": {"params_dtype": "fp32"},
-           "train": {"lr": 3e-3, "global_batch_size": 2, "micro_batch_size": 1, "train_iters": 8,
+           "train": {"lr": 3e-3, "global_batch_samples": 2, "micro_batch_size": 1, "train_iters": 8,
                      "lr_warmup_fraction": 0.0, "freeze": ["vision"], "engine": "cpu"},
            "logging": {"progress_bar": False}}
     for section, values in sections.items():

@@ -3,7 +3,8 @@
 Each sample: `<|vision_start|>`, one image's `<|image_pad|>` tokens (grid 1x4x4 patches -> 4
 merged tokens), `<|vision_end|>`, random prompt tokens, then an answer that follows a fixed rule
 (next = 20 + (cur - 20 + 3) mod 8, over an 8-token alphabet), so the loss falls within a few steps. Positions are the
-real MRoPE ids. Sample i of DP rank r depends only on (seed, r, i): the sampler state is i.
+real MRoPE ids. Sample i of DP rank r depends only on (seed, r, i): the sampler state is i. A step
+is train.global_batch_samples samples, micro_batch_size per micro-batch, shared out over DP.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ class SyntheticData:
         m = cfg.model
         self.m, self.seed, self.rank, self.seq = m, cfg.train.seed, dp_rank, seq_length
         self.mb = cfg.train.micro_batch_size
+        self.per_step, rest = divmod(cfg.train.global_batch_samples, self.mb * dp_size)
+        assert not rest, "synthetic data: global_batch_samples must be a multiple of micro_batch_size x DP"
         v = m.vision
         self.patch_dim = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
         self.image_tokens = GRID[0] * GRID[1] * GRID[2] // v.spatial_merge_size ** 2
@@ -34,6 +37,9 @@ class SyntheticData:
 
     def __iter__(self):
         return self
+
+    def next_step(self) -> int:
+        return self.per_step
 
     def __next__(self) -> Batch:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.rank * 10_007 + self.index)

@@ -43,7 +43,7 @@ def test_4b_shapes_fp8_log_tflops_and_mfu(tiny, tmp_path):
         "model.video_token_id=7", "model.vision_start_token_id=3", "model.vision_end_token_id=4",
         "parallel.tensor_model_parallel_size=1", "precision.params_dtype=bf16", "precision.fp8=hybrid",
         "precision.num_layers_at_start_in_bf16=0", "precision.num_layers_at_end_in_bf16=0",
-        "train.engine=gpu", "train.train_iters=6", "train.global_batch_size=2", "data.seq_length=2048",
+        "train.engine=gpu", "train.train_iters=6", "train.global_batch_samples=2", "data.seq_length=2048",
         "data.max_pixels=50176", "checkpoint.pretrained=", f"data.tokenizer={tiny['qwen3']}",
         f"checkpoint.save={tmp_path / 'run'}", "checkpoint.save_interval=6",
     ]

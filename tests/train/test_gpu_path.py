@@ -168,8 +168,8 @@ def test_later_pipeline_stages_skip_decoding_and_pack_what_the_first_kept(tiny, 
                       max_pixels=112 * 112, max_bad_fraction=0.5)
     tokenizer, model = AutoTokenizer.from_pretrained(tiny["qwen3"]), tiny_model_config()
     relay = Relay()
-    first = build_train_iterator(data, model, tokenizer, seed=1, window=16, kept_samples=relay)
-    later = build_train_iterator(data, model, tokenizer, seed=1, window=16, decode_media=False, kept_samples=relay)
+    first = build_train_iterator(data, model, tokenizer, seed=1, step_samples=16, kept_samples=relay)
+    later = build_train_iterator(data, model, tokenizer, seed=1, step_samples=16, decode_media=False, kept_samples=relay)
     decoded = [next(first) for _ in range(4)]
     packed = [next(later) for _ in range(4)]
     assert first.bad.counts == later.bad.counts and first.bad.counts["bad_image"] >= 2

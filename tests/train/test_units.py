@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from qwen_merge_mcore.config import TrainConfig
+from qwen_merge_mcore.config import ConfigError, TrainConfig
 from qwen_merge_mcore.training import checkpointing
-from qwen_merge_mcore.training.data_source import num_microbatches
 from qwen_merge_mcore.training.model_provider import check_freeze
 from qwen_merge_mcore.training.optim import build_scheduler, param_groups
 
@@ -38,11 +37,21 @@ def test_lr_warmup_then_cosine():
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
 
 
-def test_microbatches_must_divide():
-    cfg = tiny_config(train={"global_batch_size": 8, "micro_batch_size": 2})
-    assert num_microbatches(cfg, 2) == 2
-    with pytest.raises(ValueError, match="not a multiple of micro_batch_size x data-parallel size = 2 x 3"):
-        num_microbatches(cfg, 3)
+def test_batch_in_samples_is_checked_for_the_world_size():
+    cfg = tiny_config(tp=2, train={"global_batch_samples": 8})
+    assert cfg.data_parallel_size(2) == 1 and cfg.data_parallel_size(6) == 3  # any DP that gets a sample
+    assert cfg.data_parallel_size(16) == 8
+    with pytest.raises(ConfigError, match="8 samples per step cannot give each of the 9 data-parallel ranks"):
+        cfg.data_parallel_size(18)
+    with pytest.raises(ConfigError, match="world size 3 is not a multiple of TP x PP x CP = 2"):
+        cfg.data_parallel_size(3)
+
+
+def test_old_batch_key_is_refused_with_the_new_name():
+    from qwen_merge_mcore.config import load_config
+
+    with pytest.raises(ConfigError, match="train.global_batch_size.*set train.global_batch_samples"):
+        load_config(REPO / "launch" / "tiny" / "stage1.yaml", ["train.global_batch_size=16"])
 
 
 def test_latest_marker(tmp_path):
@@ -100,6 +109,48 @@ def test_stage_configs_follow_the_recipe(stage):
         assert (t.stage, t.freeze, t.lr, d.template) == (stage, frozen, lr, template)
         assert (t.lr_decay_style, t.lr_warmup_fraction, cfg.precision.params_dtype) == ("cosine", 0.05, "bf16")
         assert (d.seq_length, d.max_pixels) == (8096, 262144)
+        assert t.global_batch_samples == STAGE_BATCHES[stage][0]
     tiny = load_config(REPO / "launch" / "tiny" / f"{stage}.yaml")
     assert (tiny.model.preset, tiny.train.freeze, tiny.data.template) == ("tiny", frozen, template)
     assert tiny.parallel.tensor_model_parallel_size == 2
+
+
+# Per stage: the recipe's samples per step and a typical sample length (launch/stage*.yaml comments).
+STAGE_BATCHES = {"stage1": (256, 360), "stage2.1": (512, 370), "stage2.2": (512, 675), "stage3": (128, 2700)}
+
+
+def _dotted(fragment: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key, value in fragment.items():
+        if isinstance(value, dict):
+            out += _dotted(value, f"{prefix}{key}.")
+        else:
+            out.append(f"{prefix}{key}={'null' if value is None else value}")
+    return out
+
+
+def planned_stage_overrides(stage: str, gpus: int) -> list[str]:
+    """The planner's best layout for this stage's batch on `gpus` H100s, as `--write-override`
+    writes it, in dotted form."""
+    from qwen_merge_mcore.perf.hardware import gpu_spec
+    from qwen_merge_mcore.perf.models import plan_model
+    from qwen_merge_mcore.perf.planner import CostModel, LayoutChoice, Workload, plan
+    from qwen_merge_mcore.perf.report import override_dict
+
+    samples, length = STAGE_BATCHES[stage]
+    frozen = STAGES[stage][0]
+    work = Workload(seq_length=8096, global_batch_samples=samples, sample_length=length,
+                    image_grids_per_sample=((1, 36, 36),), freeze=tuple(frozen))
+    result = plan(plan_model("qwen-merge-72bvit-8b"), work, gpus, gpu_spec("h100-80gb"), LayoutChoice(), CostModel())
+    return _dotted(override_dict(result, result.best))
+
+
+@pytest.mark.parametrize("gpus", [8, 64, 256])
+def test_stage_configs_load_for_the_planned_layouts(gpus):
+    from qwen_merge_mcore.config import load_config
+
+    for stage, (samples, _) in STAGE_BATCHES.items():
+        cfg = load_config(REPO / "launch" / f"{stage}.yaml", planned_stage_overrides(stage, gpus), check_runtime=False,
+                          world_size=gpus)
+        assert cfg.train.global_batch_samples == samples  # the YAML's and the planner's unit agree
+        assert cfg.data_parallel_size(gpus) * cfg.parallel.model_parallel_size == gpus
