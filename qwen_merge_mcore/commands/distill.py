@@ -7,6 +7,7 @@ EXAMPLES = [
     "qmm distill generate --server http://node12:8000 --input questions.jsonl --out data/distill/r1 --concurrency 64",
     "qmm distill judge --input data/distill/r1-qwen3-32b --out data/distill/r1-judged --judge models/Qwen3-8B "
     "--keep pass",
+    "qmm distill assemble --input data/distill/r1-judged --input data/distill/mm-judged --out data",
 ]
 
 
@@ -72,8 +73,22 @@ def add_arguments(p) -> None:
     j.add_argument("--overwrite", action="store_true")
 
 
+    a = sub.add_parser("assemble", help="the stage-3 mix: rendered text questions + answers, multimodal traces",
+                       description="Render the text questions of the given outputs into images (joined with their "
+                       "teacher answers), copy the multimodal rows with their images, and write the data section "
+                       "for launch/stage3.yaml. Rows with a judge verdict other than pass are left out.",
+                       **_example("qmm distill assemble"))
+    a.add_argument("--input", required=True, action="append", help="output of generate or judge (repeatable)")
+    a.add_argument("--out", required=True, help="folder for stage3-rendered-questions/, stage3-multimodal-reasoning/ "
+                                                "and stage3-data.yaml (`data` matches launch/stage3.yaml)")
+    a.add_argument("--instruction", default="Answer the question in the image.")
+    a.add_argument("--font", help="TrueType/OpenType font file (default: a CJK font found on the system)")
+    a.add_argument("--font-size", type=int, default=20)
+    a.add_argument("--overwrite", action="store_true")
+
+
 def run(args) -> int:
-    return {"generate": _generate, "judge": _judge}[args.data_command](args)
+    return {"generate": _generate, "judge": _judge, "assemble": _assemble}[args.data_command](args)
 
 
 def make_backend(args, questions=()) -> "object":
@@ -127,4 +142,14 @@ def _judge(args) -> int:
     counts = judge(args.input, args.out, factory, keep=args.keep, min_score=args.min_score, overwrite=args.overwrite,
                    max_tokens=args.max_tokens)
     print(f"qmm distill judge: {', '.join(f'{k} {v}' for k, v in sorted(counts.items()))}; rows in {args.out}")
+    return 0
+
+
+def _assemble(args) -> int:
+    from ..data.tools.render import PageStyle
+    from ..distill.assemble import assemble
+
+    report = assemble(args.input, args.out, args.instruction, PageStyle(font_size=args.font_size), args.font,
+                      overwrite=args.overwrite)
+    print(f"qmm distill assemble: {report}; data section in {args.out}/stage3-data.yaml")
     return 0

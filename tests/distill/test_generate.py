@@ -37,7 +37,7 @@ def test_offline_text_and_image_questions_in_both_modes(offline, questions, teac
     out, report = offline
     ids = [r.get("id") or stable_id(r) for r in questions["rows"] if "bogus" not in r]
     unique = list(dict.fromkeys(ids))
-    assert report.questions == len(unique) == 8
+    assert report.questions == len(unique) == 10
     assert report.bad_input == Counter(malformed_row=2, duplicate_id=1)  # {"bogus"}, "{not json"; the repeat
     assert _done_ids(out) == Counter(unique)  # every question answered once
     replies = sum(len(modes_for(i, SamplingConfig())) for i in unique)
@@ -45,7 +45,7 @@ def test_offline_text_and_image_questions_in_both_modes(offline, questions, teac
     assert set(report.dropped) <= {"length", "empty_answer"}
     rows = _rows(out)
     assert {r["mode"] for r in rows} == {"think", "nothink"}
-    assert {bool(r["images"]) for r in rows} == {True, False}
+    assert {(bool(r["images"]), r["mode"]) for r in rows} == {(i, m) for i in (True, False) for m in ("think", "nothink")}
     by_id = {r.get("id") or stable_id(r): r for r in questions["rows"] if "bogus" not in r}
     assert stable_id(questions["rows"][4]) in {r["id"] for r in rows} | set(_done_ids(out))
     for row in rows:
@@ -105,13 +105,13 @@ def test_sigkill_midway_then_rerun_answers_each_question_once(offline, server, q
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     killed_done = _done_ids(out)
-    assert 0 < len(killed_done) < 8, f"the kill came too late to test a resume: {proc.stdout.read()[-2000:]}"
+    assert 0 < len(killed_done) < 10, f"the kill came too late to test a resume: {proc.stdout.read()[-2000:]}"
     for path in out.glob("data-*.jsonl"):  # what a killed run leaves reads whole (or is uncommitted)
         [json.loads(line) for line in path.read_text().splitlines()]
     rerun = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert f"{len(killed_done)} done before" in rerun.stdout
-    assert set(_done_ids(out).values()) == {1} and len(_done_ids(out)) == 8  # each question exactly once
+    assert set(_done_ids(out).values()) == {1} and len(_done_ids(out)) == 10  # each question exactly once
     assert _rows(out) == _rows(offline[0])  # row for row as the uninterrupted offline run
 
 
