@@ -100,7 +100,7 @@ def train_and_save(source: str, save: str, tp: int) -> dict:
     model.update(backend="local", preset=None)
     cfg = config_from_dict({
         "model": model, "parallel": {"tensor_model_parallel_size": tp}, "precision": {"params_dtype": "fp32"},
-        "train": {"lr": 1e-4, "global_batch_size": 2, "micro_batch_size": 1, "train_iters": 1, "freeze": ["vision"],
+        "train": {"lr": 1e-4, "global_batch_samples": 2, "micro_batch_size": 1, "train_iters": 1, "freeze": ["vision"],
                   "engine": "cpu", "lr_warmup_fraction": 0.0},
         "checkpoint": {"pretrained": source, "save": save, "save_hf": True}, "logging": {"progress_bar": False}})
     measured = {}

@@ -31,7 +31,7 @@ def train(tiny, tmp_path, monkeypatch, capsys):
     data = make_tiny_data(tmp_path / "data", samples=2)
     config = tmp_path / "train.yaml"
     config.write_text("model: {preset: tiny, backend: local}\nprecision: {params_dtype: fp32}\n"
-                      "train: {train_iters: 1, global_batch_size: 1, engine: cpu}\n"
+                      "train: {train_iters: 1, global_batch_samples: 2, engine: cpu}\n"
                       f"data: {{tokenizer: {tiny['qwen3']}, datasets: [{{path: {data['captions']}}}]}}\n")
 
     def run(save):
