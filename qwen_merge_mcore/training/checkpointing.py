@@ -12,8 +12,9 @@ previous checkpoint as the latest. Only the newest `keep_last` iterations are ke
 
 A *resume* (same run, `<save>` has a latest checkpoint) restores everything; a *weights-only*
 start (`checkpoint.pretrained`: the previous stage's run, a converted checkpoint, or a Hugging Face
-folder read slice by slice through the mapping table) loads only the model. RNG and sampler state are stored per rank and restored only when the parallel
-layout is unchanged (a torch_dist model and optimizer reload at any layout).
+folder read slice by slice through the mapping table) loads only the model. RNG and sampler
+state are stored per rank and restored only when the parallel layout is unchanged (a torch_dist
+model and optimizer reload at any layout).
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-from ..checkpoint.common import HF_META, copy_hf_meta, is_hf_folder, load_model, load_model_chunk, load_sharded, model_state
+from ..checkpoint.common import (HF_META, copy_hf_meta, is_hf_folder, load_model, load_model_chunk, load_sharded,
+                                 model_state)
 from ..checkpoint.cpu_compat import save_dist_checkpoint
 from ..checkpoint.hf_export import export_hf
 from ..checkpoint.hf_source import load_hf_folder
