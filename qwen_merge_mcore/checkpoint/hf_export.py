@@ -5,11 +5,12 @@
 Collective over every rank. Each pipeline stage exports its own layers: per load unit (one decoder
 layer, or one other tensor), the stage's tensor-parallel ranks of data-parallel rank 0 send their
 slices (point to point, one at a time) to the stage's TP rank 0, which assembles the TP-free
-tensors of that unit, converts them and writes them at their place in the output shards (`ShardedSafetensorsWriter` lays the files out
-once, any rank writes into them). No rank holds more than one unit besides its own weights: the
-bound of `qmm mcore2hf`, which loads one unit at a time. Other data-parallel ranks hold replicas
-and send nothing. Rank 0 builds the folder under a temporary name and renames it once every
-tensor, the index and the config are written.
+tensors of that unit, converts them and writes them at their place in the output shards
+(`ShardedSafetensorsWriter` lays the files out once, any rank writes into them). No rank holds
+more than one unit beyond its own weights: the bound of `qmm mcore2hf`, which loads one unit at a
+time (bench/bench_save_hf.py measures it). Other data-parallel ranks hold replicas and send
+nothing. Rank 0 builds the folder under a temporary name and renames it once every tensor, the
+index and the config are written.
 """
 
 from __future__ import annotations

@@ -12,8 +12,9 @@ previous checkpoint as the latest. Only the newest `keep_last` iterations are ke
 
 A *resume* (same run, `<save>` has a latest checkpoint) restores everything; a *weights-only*
 start (`checkpoint.pretrained`: the previous stage's run, a converted checkpoint, or a Hugging Face
-folder read slice by slice through the mapping table) loads only the model. RNG and sampler state are stored per rank and restored only when the parallel
-layout is unchanged (a torch_dist model and optimizer reload at any layout).
+folder read slice by slice through the mapping table) loads only the model. RNG and sampler
+state are stored per rank and restored only when the parallel layout is unchanged (a torch_dist
+model and optimizer reload at any layout).
 """
 
 from __future__ import annotations

@@ -86,6 +86,16 @@ def test_saved_hf_equals_mcore2hf(runs, merge_hf, tmp_path, tp):
     assert not torch.equal(a["visual.merger.mlp.4.weight"], source["visual.merger.mlp.4.weight"])  # trained
 
 
+@pytest.mark.parametrize("vpp", [None, 2])
+def test_pipeline_stages_export_into_one_folder(runs, merge_hf, vpp):
+    """Each pipeline stage (and virtual stage) writes its own layers into the shared output: the
+    folder equals the source (HF -> model -> HF through the table is lossless)."""
+    out = _tensors(runs[0] / f"export-pp2-vpp{vpp}")
+    source = _tensors(Path(merge_hf))
+    assert sorted(out) == sorted(source)
+    assert not [k for k in out if not torch.equal(out[k], source[k])]
+
+
 def test_failed_export_leaves_no_folder(merge_hf, tmp_path, monkeypatch):
     """A write that fails half way leaves neither the output nor a temp folder; a rerun writes
     the folder, equal to the source (HF -> model -> HF through the table is lossless)."""

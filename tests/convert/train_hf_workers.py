@@ -13,12 +13,13 @@ from qwen_merge_mcore.config import ParallelConfig
 from ..train.helpers import synthetic, tiny_config
 
 
-def _layout(tp: int) -> None:
+def _layout(tp: int, pp: int = 1, vpp: int | None = None) -> None:
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
     ps.destroy_model_parallel()
-    ps.initialize_model_parallel(tensor_model_parallel_size=tp)
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                 virtual_pipeline_model_parallel_size=vpp)
     tensor_parallel.random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
 
 
@@ -60,6 +61,23 @@ def _error(fn, *args) -> str | None:
     return None
 
 
+def export_pipelined(hf: str, out: Path, pp: int, vpp: int | None) -> None:
+    """`export_hf` from chunks filled from `hf` at a pipelined layout: several stages (and virtual
+    stages) write into the same output."""
+    from qwen_merge_mcore.checkpoint.common import converter_experiment, model_chunks
+    from qwen_merge_mcore.checkpoint.hf2mcore import converter_model_config
+    from qwen_merge_mcore.checkpoint.hf_export import export_hf
+    from qwen_merge_mcore.checkpoint.hf_source import load_hf_folder
+    from qwen_merge_mcore.checkpoint.safetensors_io import SafetensorsFolder
+
+    _layout(1, pp, vpp)
+    cfg = converter_model_config(SafetensorsFolder(hf))
+    chunks = model_chunks(converter_experiment(cfg, ParallelConfig(pipeline_model_parallel_size=pp,
+                                                                   virtual_pipeline_model_parallel_size=vpp), "bf16"))
+    load_hf_folder(chunks, hf, cfg)
+    export_hf(chunks, out, hf, cfg)
+
+
 def train_from_hf(hf: str, qwen3: str, root: str) -> dict:
     root = Path(root)
     converted = root / "converted"
@@ -72,4 +90,6 @@ def train_from_hf(hf: str, qwen3: str, root: str) -> dict:
     out["wrong_model"] = _error(_first_loss, 1, root / "wrong", qwen3)
     out["missing"] = _error(_first_loss, 1, root / "missing", str(root / "no-such-folder"))
     out["save_hf_without_meta"] = _error(_first_loss, 1, root / "no-meta", None, True)
+    for vpp in (None, 2):
+        export_pipelined(hf, root / f"export-pp2-vpp{vpp}", 2, vpp)
     return out
