@@ -18,10 +18,11 @@ from .config import ConfigError
 # Errors whose message says what is wrong and where: printed as one line, exit status 1. Anything
 # else is a bug and keeps its traceback. The project's own error types derive from ValueError
 # (ConfigError, CheckpointError, MergeValidationError, ...), except the stops of the data pipeline and
-# of training below.
+# of training and the one-line errors of spawned ranks below.
 USER_ERRORS = (ConfigError, OSError, ValueError)
 RUNTIME_USER_ERRORS = {f"{__package__}.data.errors": "TooManyBadSamples",
-                       f"{__package__}.training.errors": "NonFiniteError"}
+                       f"{__package__}.training.errors": "NonFiniteError",
+                       f"{__package__}.distributed": "RankError"}
 COMMAND_MODULES = sorted(m.name for m in pkgutil.iter_modules(commands.__path__))
 
 

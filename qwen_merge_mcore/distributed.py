@@ -5,7 +5,8 @@
     results = run_distributed(check_fn, world_size=2, tp=2, args=(tmp_path,))
 
 `fn(*args)` runs on every rank after `initialize`; its return values come back as a list indexed
-by rank. An exception on any rank fails the call with that rank's traceback. `fn` must be
+by rank. An exception on any rank fails the call with that rank's traceback, or, when it is a user
+error (one the CLI prints as one line), with a RankError holding that line. `fn` must be
 importable (a module-level function), as with any spawned process.
 """
 
@@ -109,8 +110,10 @@ def _worker(rank: int, world_size: int, port: int, parallel: ParallelConfig, col
         # Plain pickle copies tensor data; the queue's own pickler would pass tensors as shared
         # file descriptors, which break when this rank exits before the parent reads them.
         queue.put((rank, True, pickle.dumps(fn(*args))))
-    except BaseException:
-        queue.put((rank, False, traceback.format_exc()))
+    except BaseException as err:
+        from .cli import error_line, is_user_error
+
+        queue.put((rank, False, (traceback.format_exc(), error_line(err) if is_user_error(err) else None)))
     finally:
         try:
             destroy()
@@ -139,20 +142,32 @@ def run_distributed(fn: Callable, world_size: int = 2, tp: int = 1, pp: int = 1,
     for p in procs:
         p.start()
     results: dict[int, Any] = {}
-    errors: list[str] = []
+    failed = None
     try:
         for _ in procs:
             rank, ok, payload = queue.get(timeout=timeout)
             if ok:
                 results[rank] = pickle.loads(payload)
             else:
-                errors.append(f"rank {rank} failed:\n{payload}")
+                failed = (rank, *payload)
                 break  # the other ranks may be stuck in a collective
     finally:
         for p in procs:
-            p.join(timeout=5 if errors else 30)
+            p.join(timeout=5 if failed else 30)
             if p.is_alive():
                 p.kill()
-    if errors:
-        raise RuntimeError("\n".join(errors))
+    if failed:
+        rank, trace, line = failed
+        if line is not None:  # an error that says what is wrong: one line, the traceback as its cause
+            raise RankError(f"rank {rank}: {line}") from RankTraceback(trace)
+        raise RuntimeError(f"rank {rank} failed:\n{trace}")
     return [results[r] for r in range(world_size)]
+
+
+class RankError(RuntimeError):
+    """A rank stopped on a user error (bad input, a damaged checkpoint): its one-line message,
+    which the CLI prints as it is (qwen_merge_mcore/cli.py)."""
+
+
+class RankTraceback(Exception):
+    """The failed rank's traceback, as text (shown by a test's report, not by the CLI)."""

@@ -176,14 +176,22 @@ def load_sharded(template: dict, ckpt_dir: str | Path) -> dict:
     absent from it (`load_model` keeps the module's own)."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedBase
+    from megatron.core.dist_checkpointing.mapping import ShardedBase, ShardedTensor
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
     verify_sizes(ckpt_dir)
     stored = dist_checkpointing.load_tensors_metadata(str(ckpt_dir))
+    mismatched = []
     for item in nested_values(template):
         if isinstance(item, ShardedBase) and item.key not in stored:
             item.key = stored_key(item.key, stored)
+        there = getattr(stored.get(item.key), "global_shape", None) if isinstance(item, ShardedTensor) else None
+        if there is not None and tuple(there) != tuple(item.global_shape):
+            mismatched.append(f"{item.key} is {tuple(there)} there, {tuple(item.global_shape)} here")
+    if mismatched:  # torch's own error is a multi-KB traceback from inside its load plan
+        raise CheckpointError(f"{ckpt_dir}: holds a different model: {mismatched[0]}"
+                              f"{f' (and {len(mismatched) - 1} more)' if len(mismatched) > 1 else ''}; "
+                              "does the model config match that checkpoint?")
     loaded, _, unexpected = dist_checkpointing.load(template, str(ckpt_dir),
                                                  strict=StrictHandling.RETURN_UNEXPECTED)
     absent = sorted(k for k in unexpected if not k.endswith(EXTRA_STATE))

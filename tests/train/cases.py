@@ -269,3 +269,11 @@ def longer_run_cases(root: str, tp: int) -> dict:
     written = json.loads((root / "summary.json").read_text()) if dist.get_rank() == 0 else None
     return {"short": short.losses, "longer": longer.losses, "log": log.getvalue(), "expected_lr": expected,
             "summary_json": written}
+
+
+def load_pretrained(path: str, model: dict) -> None:
+    """A weights-only load on every rank (what `checkpoint.pretrained` and the converters do)."""
+    from qwen_merge_mcore.training.model_provider import build_chunks
+
+    cfg = toy_config(tp=dist.get_world_size(), model=model)
+    checkpointing.load_weights(path, build_chunks(cfg, BUILDER))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -77,3 +78,23 @@ def test_a_resumed_job_continues_the_same_wandb_run(tmp_path, monkeypatch):
         ids.append(log.wandb.id)
         log.finish(0, start == 0, None, [])
     assert ids[0] == ids[1] == (tmp_path / "run" / WANDB_RUN_ID).read_text().strip()
+
+
+@pytest.mark.parametrize("what", ["truncated", "another model"])
+def test_rank_errors_reach_the_parent_as_one_line(damaged, distributed, what):
+    """A damaged or mismatched checkpoint read by spawned ranks (the converters, `qmm compare`):
+    the parent raises that rank's one line naming the file, which the CLI prints as it is."""
+    from qwen_merge_mcore.cli import is_user_error
+    from qwen_merge_mcore.distributed import RankError
+
+    run = Path(damaged["shard"]).parents[1]
+    path, model = ((run / "iter_0000004.damaged", {}) if what == "truncated" else
+                   (run / "iter_0000006", {"language": {"ffn_hidden_size": 128}}))
+    with pytest.raises(RankError) as info:
+        distributed(cases.load_pretrained, world_size=2, tp=2, args=(str(path), model))
+    line = str(info.value)
+    assert "\n" not in line and is_user_error(info.value), line
+    if what == "truncated":
+        assert line.startswith("rank ") and f"{path}/" in line and ": truncated" in line, line
+    else:
+        assert f"{path}: holds a different model: " in line and "(4, 128, 256) there, (4, 128, 128) here" in line, line
