@@ -7,6 +7,8 @@ which go straight to their place in the output shards. Works for layer-stacked
 (`...layers.<param>` with a layer axis) and per-layer (`...layers.<i>.<param>`) keys, and for
 checkpoints with the local spec's older norm names (`common.stored_key`). The config, tokenizer,
 processor, chat template and remote code come from `hf_meta/`, stored there by `hf2mcore`.
+Before anything is read, the files are checked against `convert_manifest.json` and the config
+against the tensors' shapes (`verify.py`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from ..utils.atomic import atomic_output_dir, check_output_not_input
 from .common import EXTRA_STATE, HF_META, checkpoint_model_config, single_process_group, stored_key
 from .mapping import ParamMapping, param_mappings, split_layer
 from .safetensors_io import CheckpointError, ShardedSafetensorsWriter, TensorSpec, preview
+from .verify import check_config, check_files
 
 
 class _StoredTensor:
@@ -82,8 +85,10 @@ def mcore_to_hf(mcore_dir: str | Path, out: str | Path, dtype: str | None = None
     if dtype is None:
         dtype = from_hf_name(hf_dtype_name(hf_cfg))
     out_dtype = torch_dtype(dtype)
+    check_files(mcore_dir)
     with single_process_group():
         metadata = dist_checkpointing.load_tensors_metadata(str(mcore_dir))
+        check_config(hf_cfg, cfg, metadata, meta_dir / "config.json")
         table = param_mappings(cfg, 1)
         stored = {m.megatron: locate(m.megatron, metadata) for m in table}
         _check_leftovers(metadata, stored)
