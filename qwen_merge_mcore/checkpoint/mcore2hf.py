@@ -76,11 +76,12 @@ def mcore_to_hf(mcore_dir: str | Path, out: str | Path, dtype: str | None = None
                 max_shard_bytes: int = 5 * 10**9, progress: bool = True) -> Path:
     from megatron.core import dist_checkpointing
 
-    mcore_dir = Path(mcore_dir)
+    from ..training.checkpointing import resolve_checkpoint_dir
+
     check_output_not_input(out, [mcore_dir])
+    # A checkpoint folder, or a training run folder (its latest iteration, as `checkpoint.pretrained`).
+    mcore_dir = resolve_checkpoint_dir(mcore_dir)
     meta_dir = mcore_dir / HF_META
-    if not (mcore_dir / "metadata.json").exists():
-        raise CheckpointError(f"{mcore_dir}: not a Megatron distributed checkpoint (no metadata.json)")
     hf_cfg, cfg = checkpoint_model_config(mcore_dir)
     if dtype is None:
         dtype = from_hf_name(hf_dtype_name(hf_cfg))

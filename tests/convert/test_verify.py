@@ -114,3 +114,17 @@ def test_export_refuses_a_config_that_disagrees_with_the_tensors(name, field, va
     line = _export_refused(ckpt, tmp_path, capsys)
     assert f"{path} does not describe this checkpoint's weights: {field} is {json.dumps(value)}, the tensors say " \
            f"{tensors}" in line, line
+
+
+def test_export_takes_a_run_folder_at_its_latest_checkpoint(ckpts, tmp_path):
+    """What `checkpoint.pretrained` accepts: the iteration `latest_checkpointed_iteration.txt` names."""
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    shutil.copytree(ckpts / "qwen3", run / "iter_0000004")
+    shutil.copytree(ckpts / "qwen2_5_vl", run / "iter_0000002")  # an older checkpoint of the run
+    (run / "latest_checkpointed_iteration.txt").write_text("4\n")
+    assert main(["mcore2hf", "--mcore", str(run), "--out", str(tmp_path / "hf"), "--no-progress"]) == 0
+    assert main(["mcore2hf", "--mcore", str(ckpts / "qwen3"), "--out", str(tmp_path / "ref"), "--no-progress"]) == 0
+    got, want = load_file(tmp_path / "hf" / "model.safetensors"), load_file(tmp_path / "ref" / "model.safetensors")
+    assert got.keys() == want.keys() and all(got[k].equal(want[k]) for k in want)
