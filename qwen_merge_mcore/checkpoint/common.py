@@ -203,7 +203,11 @@ def load_sharded(template: dict, ckpt_dir: str | Path) -> dict:
 
 
 def load_model(chunks: list, ckpt_dir: str | Path) -> None:
-    """Load this rank's model chunks from a torch_dist checkpoint at any layout (collective)."""
+    """Load this rank's model chunks from a torch_dist checkpoint at any layout (collective),
+    after checking its files against `convert_manifest.json` (when it has one)."""
+    from .verify import verify_files_collective
+
+    verify_files_collective(ckpt_dir)
     template = model_state(chunks)
     loaded = load_sharded(template, ckpt_dir)
     for name, chunk in zip(template, chunks):

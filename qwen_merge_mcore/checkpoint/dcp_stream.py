@@ -17,6 +17,7 @@ shard), so a rank's peak memory would be its whole shard; here it is one or two 
 from __future__ import annotations
 
 import os
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
@@ -56,14 +57,35 @@ class _LazyPlanner(MCoreSavePlanner):
         return tensor.contiguous().view(placeholder.shape)
 
 
+class _Checksummed:
+    """A write-only file that keeps the size and CRC32 of what went through it: the file's
+    checksum for the conversion manifest without reading the file back."""
+
+    def __init__(self, raw):
+        self.raw, self.size, self.crc = raw, 0, 0
+
+    def write(self, data) -> int:
+        n = self.raw.write(data)
+        self.crc = zlib.crc32(memoryview(data).cast("B")[:n], self.crc)
+        self.size += n
+        return n
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+
 class _StreamingWriter(FileSystemWriter):
     """One file per rank, items resolved, written and released in order. The next item is
     resolved (read from the source) on a helper thread while the current one is written, as long
-    as both together stay under `readahead_bytes`."""
+    as both together stay under `readahead_bytes`. `files` gets each written file's (size, CRC32)."""
 
-    def __init__(self, path, sync_files: bool = True, readahead_bytes: int = 1 << 30):
+    def __init__(self, path, files: dict, sync_files: bool = True, readahead_bytes: int = 1 << 30):
         super().__init__(path, sync_files=sync_files)
         self.readahead_bytes = readahead_bytes
+        self.files = files
 
     def write_data(self, plan, planner):
         name = f"{plan.storage_data.prefix}0{DEFAULT_SUFFIX}"
@@ -71,7 +93,8 @@ class _StreamingWriter(FileSystemWriter):
         sizes = [_item_size(i) if i.type != WriteItemType.BYTE_IO else 0 for i in items]
         results = []
         with ThreadPoolExecutor(1) as pool, \
-                self.fs.create_stream(self.fs.concat_path(self.path, name), "wb") as stream:
+                self.fs.create_stream(self.fs.concat_path(self.path, name), "wb") as raw:
+            stream = _Checksummed(raw)
             ahead = {}
             for k, item in enumerate(items):
                 data = ahead.pop(k).result() if k in ahead else planner.resolve_data(item)
@@ -82,8 +105,9 @@ class _StreamingWriter(FileSystemWriter):
                 results.append(_write_item(self.transforms, stream, data, item, name, self.serialization_format))
                 del data
             if self.sync_files:
-                stream.flush()
-                os.fsync(stream.fileno())
+                raw.flush()
+                os.fsync(raw.fileno())
+        self.files[name] = {"bytes": stream.size, "crc32": stream.crc}
         future: torch.futures.Future = torch.futures.Future()
         future.set_result(results)
         return future
@@ -96,6 +120,7 @@ class StreamingTorchDistStrategy(SaveShardedStrategy):
         super().__init__("torch_dist", 1)
         self.materialize = materialize
         self.sync_files = sync_files
+        self.files: dict[str, dict] = {}  # this rank's written file -> {"bytes", "crc32"}
 
     @property
     def can_handle_sharded_objects(self) -> bool:
@@ -106,12 +131,14 @@ class StreamingTorchDistStrategy(SaveShardedStrategy):
         pyt_state_dict = mcore_to_pyt_state_dict(by_key, is_loading=False)
         # After the conversion each ShardedTensor's `data` is the object DCP hands back.
         shards = {id(st.data): st for sts in by_key.values() for st in sts if isinstance(st, ShardedTensor)}
-        dcp.save(pyt_state_dict, storage_writer=_StreamingWriter(checkpoint_dir, sync_files=self.sync_files),
+        dcp.save(pyt_state_dict, storage_writer=_StreamingWriter(checkpoint_dir, self.files, sync_files=self.sync_files),
                  planner=_LazyPlanner(self.materialize, shards))
 
 
 def save_streaming(sharded_state_dict: dict, checkpoint_dir: str | Path, materialize: Materialize,
-                   sync_files: bool = True) -> None:
-    """Megatron `dist_checkpointing.save` with tensors produced on demand (collective call)."""
-    mcore_save(sharded_state_dict, str(checkpoint_dir),
-               sharded_strategy=StreamingTorchDistStrategy(materialize, sync_files))
+                   sync_files: bool = True) -> dict[str, dict]:
+    """Megatron `dist_checkpointing.save` with tensors produced on demand (collective call).
+    Returns this rank's `.distcp` files with their size and CRC32."""
+    strategy = StreamingTorchDistStrategy(materialize, sync_files)
+    mcore_save(sharded_state_dict, str(checkpoint_dir), sharded_strategy=strategy)
+    return strategy.files

@@ -8,7 +8,8 @@ tensor slice from safetensors (`hf_source.HFTensorSource`) when it is written.
 
 The output folder holds the torch_dist files, `hf_meta/` (config, tokenizer, processor, chat
 template: what `mcore2hf` copies back) and `convert_manifest.json` (every written tensor with
-shape, dtype, CRC32 and its HF sources). It is built in a temp dir and renamed at the end.
+shape, dtype and its HF sources; every file with its size and CRC32, which `mcore2hf` and the
+loaders verify). It is built in a temp dir and renamed at the end.
 """
 
 from __future__ import annotations
@@ -27,8 +28,7 @@ from ..utils.atomic import atomic_output_dir, check_output_not_input
 from .common import HF_META, converter_experiment, copy_hf_meta, model_chunks, model_state, read_model_config
 from .mapping import param_mappings
 from .safetensors_io import CheckpointError, SafetensorsFolder, preview
-
-MANIFEST = "convert_manifest.json"
+from .verify import MANIFEST, file_crc32
 # The ranks meet in a collective after writing their shards, so one rank may wait there for the
 # slowest one's whole write: a 72B model (145 GB in bf16) written by one rank at 50 MB/s (a busy
 # shared file system) takes 50 minutes; collectives of training runs default to 30.
@@ -119,10 +119,10 @@ def convert_rank(hf_dir: str, out_dir: str, cfg: ModelConfig, parallel: Parallel
         bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"hf2mcore (rank 0 of {dist.get_world_size()})")
         source.on_write = bar.update
     start = time.perf_counter()
-    save_streaming(state, out_dir, source.materialize, sync_files=sync_files)
+    files = save_streaming(state, out_dir, source.materialize, sync_files=sync_files)
     if bar is not None:
         bar.close()
-    return {"problems": [], "written": [asdict(w) for w in source.written],
+    return {"problems": [], "written": [asdict(w) for w in source.written], "files": files,
             "rank": {"rank": dist.get_rank(), "save_seconds": time.perf_counter() - start,
                      "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}}
 
@@ -188,10 +188,16 @@ def _finish(tmp: Path, results: list[dict], folder: SafetensorsFolder, cfg: Mode
     if problems:
         raise CheckpointError(f"{opts.hf}: cannot convert: " + "; ".join(problems[:10]))
     copy_hf_meta(folder.folder, tmp / HF_META)
+    files = {name: f for r in results for name, f in r["files"].items()}
+    # The shards' checksums came with the writes; the few small files (metadata, common.pt) are read.
+    for path in sorted(tmp.iterdir()):
+        if path.is_file() and path.name not in files:
+            size, crc = file_crc32(path)
+            files[path.name] = {"bytes": size, "crc32": crc}
     manifest = {"source": str(Path(opts.hf).absolute()), "format": "torch_dist",
                 "architecture": cfg.architecture, "dtype": opts.dtype,
                 "parallel": {"tp": opts.tp, "pp": opts.pp, "vpp": opts.vpp,
                              "first_stage_layers": opts.first_stage_layers},
-                "ranks": [r["rank"] for r in results],
+                "ranks": [r["rank"] for r in results], "files": dict(sorted(files.items())),
                 "tensors": sorted((w for r in results for w in r["written"]), key=lambda w: (w["key"], w["offset"]))}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")

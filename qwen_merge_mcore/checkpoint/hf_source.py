@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import threading
-import zlib
 from dataclasses import dataclass
 
 import torch
@@ -54,7 +53,6 @@ class WrittenTensor:
     offset: list[int]
     shape: list[int]
     dtype: str
-    crc32: int
     hf: list[str]
 
 
@@ -147,11 +145,8 @@ class HFTensorSource:
         """`read`, recorded for the conversion manifest (the streaming writer's callback)."""
         name = table_name(sh_ten)[0]
         tensor = self.read(sh_ten)
-        mapping = self.table[name]
-        raw = tensor.view(-1).view(torch.uint8).numpy() if tensor.numel() else b""
         self.written.append(WrittenTensor(sh_ten.key, list(sh_ten.global_offset), list(sh_ten.local_shape),
-                                          str(sh_ten.dtype).removeprefix("torch."), zlib.crc32(raw),
-                                          list(mapping.hf)))
+                                          str(sh_ten.dtype).removeprefix("torch."), list(self.table[name].hf)))
         if self.on_write:
             self.on_write(tensor.numel() * tensor.element_size())
         return tensor

@@ -7,6 +7,8 @@ which go straight to their place in the output shards. Works for layer-stacked
 (`...layers.<param>` with a layer axis) and per-layer (`...layers.<i>.<param>`) keys, and for
 checkpoints with the local spec's older norm names (`common.stored_key`). The config, tokenizer,
 processor, chat template and remote code come from `hf_meta/`, stored there by `hf2mcore`.
+Before anything is read, the files are checked against `convert_manifest.json` and the config
+against the tensors' shapes (`verify.py`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from .common import (EXTRA_STATE, HF_META, checkpoint_model_config, copy_hf_meta
                      stored_key)
 from .mapping import ParamMapping, param_mappings, split_layer
 from .safetensors_io import CheckpointError, ShardedSafetensorsWriter, TensorSpec, preview
+from .verify import check_config, check_files
 
 
 class _StoredTensor:
@@ -107,16 +110,19 @@ def mcore_to_hf(mcore_dir: str | Path, out: str | Path, dtype: str | None = None
                 max_shard_bytes: int = 5 * 10**9, progress: bool = True) -> Path:
     from megatron.core import dist_checkpointing
 
-    mcore_dir = Path(mcore_dir)
+    from ..training.checkpointing import resolve_checkpoint_dir
+
     check_output_not_input(out, [mcore_dir])
+    # A checkpoint folder, or a training run folder (its latest iteration, as `checkpoint.pretrained`).
+    mcore_dir = resolve_checkpoint_dir(mcore_dir)
     meta_dir = mcore_dir / HF_META
-    if not (mcore_dir / "metadata.json").exists():
-        raise CheckpointError(f"{mcore_dir}: not a Megatron distributed checkpoint (no metadata.json)")
     hf_cfg, cfg = checkpoint_model_config(mcore_dir)
     dtype = dtype or default_dtype(hf_cfg)
     out_dtype = torch_dtype(dtype)
+    check_files(mcore_dir)
     with single_process_group():
         metadata = dist_checkpointing.load_tensors_metadata(str(mcore_dir))
+        check_config(hf_cfg, cfg, metadata, meta_dir / "config.json")
         table = param_mappings(cfg, 1)
         stored = {m.megatron: locate(m.megatron, metadata) for m in table}
         _check_leftovers(metadata, stored)

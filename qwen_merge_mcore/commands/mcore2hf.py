@@ -1,12 +1,13 @@
 NAME = "mcore2hf"
 HELP = "Export a Megatron-Core torch_dist checkpoint (any TP/PP/VPP) to a Hugging Face folder, streaming."
 EXAMPLES = ["qmm mcore2hf --mcore ckpt/qwen-merge-8b-mcore --out ckpt/qwen-merge-8b-hf",
+            "qmm mcore2hf --mcore checkpoints/stage3 --out work/stage3-hf  # a run folder: its latest checkpoint",
             "qmm mcore2hf --mcore work/merge-mcore --out work/merge-back --dtype fp32 --overwrite"]
 
 
 def add_arguments(p) -> None:
     p.add_argument("--mcore", required=True, help="torch_dist checkpoint folder written by `qmm hf2mcore` "
-                   "(or a training checkpoint holding its hf_meta/)")
+                   "or by training (its iter_* folder), or a training run folder (its latest checkpoint)")
     p.add_argument("--out", required=True, help="output HF folder")
     p.add_argument("--dtype", choices=["bf16", "fp32", "fp16"], default=None,
                    help="output dtype (default: the dtype of the original HF config)")

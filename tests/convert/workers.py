@@ -97,3 +97,21 @@ def convert_then_reload(jobs: list[Job], legacy: list[Job], reloads: list[Job]) 
         write_legacy(job)
     dist.barrier()
     return written, load_resharded(reloads)
+
+
+def load_errors(jobs: list[Job]) -> list[str]:
+    """What loading each job's `out` into a model at its layout raises, as the trainer loads a
+    pretrained checkpoint ('' when it loads)."""
+    from qwen_merge_mcore.checkpoint.common import load_model
+    from qwen_merge_mcore.checkpoint.safetensors_io import CheckpointError
+
+    errors = []
+    for job in jobs:
+        _layout(job.parallel)
+        chunks, _ = _chunks(job)
+        try:
+            load_model(chunks, job.out)
+            errors.append("")
+        except CheckpointError as err:
+            errors.append(str(err))
+    return errors
