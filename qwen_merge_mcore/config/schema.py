@@ -308,8 +308,9 @@ class DataConfig:
     video_fps: float = 2.0
     video_max_frames: int = 64
     video_max_pixels: int = 50176
-    # How a step's samples become DP x M micro-batches (data/packing.py).
-    packing: Literal["first_fit_decreasing"] = "first_fit_decreasing"
+    # How a step's samples become DP x M micro-batches (data/packing.py): `flop_balanced` evens the
+    # ranks' training FLOPs (perf/flops.py), `first_fit_decreasing` deals the FFD bins (the baseline).
+    packing: Literal["flop_balanced", "first_fit_decreasing"] = "flop_balanced"
     max_bad_fraction: float = 0.01  # stop when more than this fraction of samples is unusable
     num_workers: int = 2
     shuffle: bool = True

@@ -45,7 +45,7 @@ def build_data(cfg: ExperimentConfig, dp_rank: int, dp_size: int) -> DataSource:
                                 device_id=torch.cuda.current_device() if torch.cuda.is_available() else None,
                                 decode_media=parallel_state.is_pipeline_first_stage(),
                                 kept_samples=PipelineKeptSamples() if pp > 1 else None,
-                                microbatch_multiple=pp if interleaved else 1)
+                                microbatch_multiple=pp if interleaved else 1, freeze=cfg.train.freeze)
 
 
 def tokenizer_dir(cfg: ExperimentConfig) -> str:
