@@ -259,6 +259,8 @@ class TrainConfig:
 
     def validate(self, prefix: str = "train") -> None:
         _positive(self, prefix, "lr", "global_batch_samples", "micro_batch_size")
+        _require(self.micro_batch_size == 1, f"{prefix}.micro_batch_size", "must be 1: a micro-batch is one packed "
+                 "sequence of samples (THD); size micro-batches with data.seq_length")
         _require(0 <= self.min_lr <= self.lr, f"{prefix}.min_lr", f"must lie in [0, lr={self.lr}]")
         _require(0 <= self.lr_warmup_fraction < 1, f"{prefix}.lr_warmup_fraction", "must lie in [0, 1)")
         _require(self.clip_grad >= 0, f"{prefix}.clip_grad", "must be >= 0 (0 disables clipping)")

@@ -33,9 +33,6 @@ def build_data(cfg: ExperimentConfig, dp_rank: int, dp_size: int) -> DataSource:
     from ..data.loader import build_train_iterator
     from .pipeline_media import PipelineKeptSamples
 
-    if cfg.train.micro_batch_size != 1:
-        raise ValueError("packed training takes one packed sequence per micro-batch: set train.micro_batch_size=1 "
-                         "and size micro-batches with data.seq_length")
     # Pipeline stages after the first skip decoding (see pipeline_media.py).
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     # Megatron's interleaved schedule runs M in groups of PP micro-batches.
