@@ -263,6 +263,8 @@ class TrainConfig:
 
     def validate(self, prefix: str = "train") -> None:
         _positive(self, prefix, "lr", "adam_eps", "global_batch_samples", "micro_batch_size")
+        _require(self.micro_batch_size == 1, f"{prefix}.micro_batch_size", "must be 1: a micro-batch is one packed "
+                 "sequence of samples (THD); size micro-batches with data.seq_length")
         _require(self.weight_decay >= 0, f"{prefix}.weight_decay", f"must be >= 0, got {self.weight_decay}")
         for beta in ("adam_beta1", "adam_beta2"):
             _require(0 <= getattr(self, beta) < 1, f"{prefix}.{beta}", f"must lie in [0, 1), got {getattr(self, beta)}")
@@ -315,8 +317,9 @@ class DataConfig:
     video_fps: float = 2.0
     video_max_frames: int = 64
     video_max_pixels: int = 50176
-    # How a step's samples become DP x M micro-batches (data/packing.py).
-    packing: Literal["first_fit_decreasing"] = "first_fit_decreasing"
+    # How a step's samples become DP x M micro-batches (data/packing.py): `flop_balanced` evens the
+    # ranks' training FLOPs (perf/flops.py), `first_fit_decreasing` deals the FFD bins (the baseline).
+    packing: Literal["flop_balanced", "first_fit_decreasing"] = "flop_balanced"
     max_bad_fraction: float = 0.01  # stop when more than this fraction of samples is unusable
     num_workers: int = 2
     shuffle: bool = True

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional, Protocol
+from typing import Optional, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ from ..positions import mrope_position_ids
 from .errors import BadSample, BadSampleCounter, log
 from .formats import row_label, to_sample
 from .mixture import Mixture
-from .packing import PackedSample, assign_micro_batches, collate_packed
+from .packing import PackedSample, assign_micro_batches, collate_packed, sample_flops
 from .readers import dataset_files, open_rows
 from .template import ChatEncoder
 from .video import VideoProcessor, plan_video, probe_video
@@ -59,7 +59,8 @@ class TrainIterator:
     def __init__(self, data_cfg, model_cfg, tokenizer, dp_rank: int = 0, dp_size: int = 1,
                  micro_batch_tokens: Optional[int] = None, seed: int = 0, device_id: Optional[int] = None,
                  step_samples: int = 512, pad_to_full: bool = False, decode_media: bool = True,
-                 kept_samples: Optional["KeptSamples"] = None, microbatch_multiple: int = 1):
+                 kept_samples: Optional["KeptSamples"] = None, microbatch_multiple: int = 1,
+                 freeze: Sequence[str] = ("vision",)):
         if not data_cfg.datasets:
             raise ValueError("data.datasets is empty")
         if not decode_media and kept_samples is None:
@@ -72,6 +73,7 @@ class TrainIterator:
             raise ValueError(f"step_samples must be > 0, got {step_samples}")
         self.dp_rank, self.dp_size, self.seed, self.step_samples = dp_rank, dp_size, seed, step_samples
         self.microbatch_multiple = microbatch_multiple  # M is a multiple of it (PP, for interleaving)
+        self.freeze = tuple(freeze)  # for the FLOP cost of a sample (flop_balanced packing)
         tokens = micro_batch_tokens or data_cfg.seq_length
         if tokens > data_cfg.seq_length:
             raise ValueError(f"micro_batch_tokens {tokens} exceeds data.seq_length {data_cfg.seq_length}")
@@ -142,8 +144,10 @@ class TrainIterator:
             entries = self._order[self.offset:self.offset + self.step_samples].tolist()
             prepared = [s for s in (self._prepare(d, r) for d, r in entries) if s is not None]
             if prepared:
+                costs = ([sample_flops(self.model_cfg, len(s), s.image_grids + s.video_grids, self.freeze)
+                          for s in prepared] if self.cfg.packing == "flop_balanced" else None)
                 plan = assign_micro_batches([len(s) for s in prepared], self.capacity, self.dp_size, self.cfg.packing,
-                                            self.microbatch_multiple)
+                                            self.microbatch_multiple, costs)
                 return [[prepared[i] for i in slot] for slot in plan[self.dp_rank]]
             self._advance()
         raise ValueError(f"a whole pass over the data mix gave no usable sample ({len(self.mixture)} samples; "

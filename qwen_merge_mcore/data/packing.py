@@ -1,7 +1,8 @@
 """Samples -> packed THD sequences (`Batch` with B = 1 and cu_seqlens).
 
 A step's samples become exactly DP x M micro-batches (`assign_micro_batches`): M is the fewest
-rounds that first-fit-decreasing needs for them, so any data-parallel size works. First-fit-decreasing
+rounds that first-fit-decreasing needs for them, so any data-parallel size works; the samples go to
+ranks and slots either as the FFD bins fall or balancing the ranks' FLOPs. First-fit-decreasing
 puts samples into bins of `capacity` tokens; each bin becomes one sequence,
 padded to a multiple of `pad_to_multiple_of` (FP8 GEMMs need it) and, when asked, to the full
 capacity (fixed shapes for pipeline parallelism). Positions restart at 0 for every sample, labels are
@@ -10,12 +11,14 @@ the next token within the sample, and the loss mask is 0 on prompts, sample ends
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
 
 from ..batch import Batch, VisionInput
+from ..perf.flops import BatchStats, Grid, step_flops
 
 
 @dataclass
@@ -55,20 +58,79 @@ def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int
 
 
 def assign_micro_batches(lengths: Sequence[int], capacity: int, dp_size: int,
-                         policy: str = "first_fit_decreasing", multiple: int = 1) -> list[list[list[int]]]:
+                         policy: str = "first_fit_decreasing", multiple: int = 1,
+                         costs: Optional[Sequence[float]] = None) -> list[list[list[int]]]:
     """The step's samples (indices into `lengths`) as [DP rank][micro-batch slot] lists: exactly
     DP x M micro-batches, M the same for every rank, each sample in exactly one, none over
-    `capacity` tokens (a slot may be empty when the step has too few samples). M is rounded up to a
-    `multiple` (the interleaved pipeline schedule wants M divisible by PP). Depends only on the
-    arguments, so every rank computes the same assignment from the same sample list.
+    `capacity` tokens (a slot may be empty when the step has too few samples). M is the fewest
+    rounds the FFD bins need, rounded up to a `multiple` (the interleaved pipeline schedule wants M
+    divisible by PP). Depends only on the arguments, so every rank computes the same assignment
+    from the same sample list.
 
-    first_fit_decreasing: the FFD bins, dealt to the ranks in turn (slot s of rank r is bin s*DP + r)."""
+    first_fit_decreasing: the FFD bins, dealt to the ranks in turn (slot s of rank r is bin s*DP + r).
+    flop_balanced: `costs` (each sample's training FLOPs, perf/flops.py; they add up over the
+    samples of a rank) balanced over the ranks, see `balance_by_cost`; M grows by `multiple` in
+    the rare step where the balanced placement does not fit into M rounds."""
     bins = first_fit_decreasing(lengths, capacity)
     rounds = -(-max(1, -(-len(bins) // dp_size)) // multiple) * multiple
-    if policy != "first_fit_decreasing":
+    if policy == "first_fit_decreasing":
+        bins += [[] for _ in range(rounds * dp_size - len(bins))]
+        return [[bins[s * dp_size + r] for s in range(rounds)] for r in range(dp_size)]
+    if policy != "flop_balanced":
         raise ValueError(f"unknown packing policy {policy!r}")
-    bins += [[] for _ in range(rounds * dp_size - len(bins))]
-    return [[bins[s * dp_size + r] for s in range(rounds)] for r in range(dp_size)]
+    if costs is None or len(costs) != len(lengths):
+        raise ValueError("flop_balanced packing needs one cost per sample")
+    while True:
+        plan = balance_by_cost(lengths, costs, capacity, dp_size, rounds)
+        if plan is not None:
+            return plan
+        rounds += multiple
+
+
+def balance_by_cost(lengths: Sequence[int], costs: Sequence[float], capacity: int, dp_size: int,
+                    rounds: int) -> Optional[list[list[list[int]]]]:
+    """Longest-processing-time first under a token limit: samples by decreasing cost, each to the
+    least-loaded rank that still has a slot with room for it, into the fullest such slot (best fit
+    keeps room for the long samples still to come). None when a sample finds no room anywhere.
+    Ties break by index, so the result depends only on the arguments."""
+    slots = [[[] for _ in range(rounds)] for _ in range(dp_size)]
+    room = [[capacity] * rounds for _ in range(dp_size)]
+    ranks = [(0.0, r) for r in range(dp_size)]  # (load, rank), a heap
+    for i in sorted(range(len(lengths)), key=lambda i: (-costs[i], i)):
+        n, full = lengths[i], []
+        while ranks:
+            load, r = heapq.heappop(ranks)
+            fits = [s for s in range(rounds) if room[r][s] >= n]
+            if fits:
+                break
+            full.append((load, r))
+        else:
+            return None
+        s = min(fits, key=lambda s: (room[r][s], s))
+        slots[r][s].append(i)
+        room[r][s] -= n
+        heapq.heappush(ranks, (load + costs[i], r))
+        for item in full:
+            heapq.heappush(ranks, item)
+    return slots
+
+
+def sample_flops(model_cfg, length: int, grids: Sequence[Grid], freeze: Sequence[str] = ()) -> float:
+    """Training FLOPs of one sample alone (the planner's model). They add up over the samples of a
+    micro-batch up to its padding: attention is per sample, everything else per token or image."""
+    return step_flops(model_cfg, BatchStats(tokens=length, sample_lengths=(length,), image_grids=tuple(grids)),
+                      freeze=freeze)
+
+
+def micro_batch_flops(model_cfg, lengths: Sequence[int], grids: Sequence[Grid], pad_to_multiple_of: int,
+                      freeze: Sequence[str] = ()) -> float:
+    """Training FLOPs of one packed micro-batch as `collate_packed` lays it out (padding joins the
+    last segment; an empty slot is one padding segment)."""
+    total = sum(lengths)
+    pad = padded_length(max(total, 1), pad_to_multiple_of) - total
+    segments = tuple(lengths[:-1]) + (lengths[-1] + pad,) if lengths else (pad,)
+    return step_flops(model_cfg, BatchStats(tokens=total + pad, sample_lengths=segments, image_grids=tuple(grids)),
+                      freeze=freeze)
 
 
 def padded_length(n: int, multiple: int) -> int:

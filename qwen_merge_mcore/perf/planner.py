@@ -230,6 +230,9 @@ def check_layout(target: PlanModel, workload: Workload, layout: Layout, gpu: GPU
     if layout.tp > 1 and (workload.seq_length // layout.cp) % layout.tp:
         raise LayoutError(f"seq_length/CP = {workload.seq_length // layout.cp} is not divisible by TP={layout.tp} "
                           "(sequence parallelism)")
+    if layout.micro_batch != 1 and not target.text_only:
+        raise LayoutError(f"micro_batch {layout.micro_batch}: Qwen-Merge trains one packed sequence per micro-batch "
+                          "(train.micro_batch_size=1; data.seq_length sizes it)")
     per_step = layout.micro_batch * layout.dp
     if workload.global_batch_samples < per_step:
         raise LayoutError(f"{workload.global_batch_samples} samples per step leave some of the micro_batch x DP = "
@@ -482,7 +485,7 @@ def enumerate_layouts(target: PlanModel, workload: Workload, gpus: int, gpu: GPU
                     else:
                         firsts = [None]
                     for first in firsts:
-                        for mbs in pick(choice.micro_batch, [1, 2]):
+                        for mbs in pick(choice.micro_batch, [1, 2] if target.text_only else [1]):
                             for rec, vit in itertools.product(rec_opts, vit_opts):
                                 layout = Layout(tp=tp, pp=pp, cp=cp, dp=dp, vpp=vpp, micro_batch=mbs,
                                                 first_stage_layers=first, recompute=rec, vision=vit)

@@ -33,9 +33,6 @@ def build_data(cfg: ExperimentConfig, dp_rank: int, dp_size: int) -> DataSource:
     from ..data.loader import build_train_iterator
     from .pipeline_media import PipelineKeptSamples
 
-    if cfg.train.micro_batch_size != 1:
-        raise ValueError("packed training takes one packed sequence per micro-batch: set train.micro_batch_size=1 "
-                         "and size micro-batches with data.seq_length")
     # Pipeline stages after the first skip decoding (see pipeline_media.py).
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     # Megatron's interleaved schedule runs M in groups of PP micro-batches.
@@ -45,7 +42,7 @@ def build_data(cfg: ExperimentConfig, dp_rank: int, dp_size: int) -> DataSource:
                                 device_id=torch.cuda.current_device() if torch.cuda.is_available() else None,
                                 decode_media=parallel_state.is_pipeline_first_stage(),
                                 kept_samples=PipelineKeptSamples() if pp > 1 else None,
-                                microbatch_multiple=pp if interleaved else 1)
+                                microbatch_multiple=pp if interleaved else 1, freeze=cfg.train.freeze)
 
 
 def tokenizer_dir(cfg: ExperimentConfig) -> str:

@@ -32,6 +32,7 @@ def qmm(*args):
     (Layout(tp=4, pp=4, cp=1, dp=4, first_stage_layers=5), "remaining 59 decoder layers do not divide"),
     (Layout(tp=4, pp=4, cp=1, dp=4, vpp=2, first_stage_layers=4), "cannot be combined with virtual pipeline"),
     (Layout(tp=4, pp=1, cp=1, dp=4096), "2048 samples per step leave some of the micro_batch x DP = 4096 slots"),
+    (Layout(tp=4, pp=1, cp=1, dp=4, micro_batch=2), "one packed sequence per micro-batch"),
     (Layout(tp=2, pp=1, cp=3, dp=1), r"not divisible by 2\*CP=6"),
     (Layout(tp=2, pp=1, cp=1, dp=1, recompute="always"), "recompute must be one of"),
 ])
