@@ -21,8 +21,9 @@ class DataSource(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
-def build_data(cfg: ExperimentConfig, dp_rank: int, dp_size: int) -> DataSource:
-    """The data pipeline's packed-sequence iterator for this DP rank (one sequence per micro-batch)."""
+def build_data(cfg: ExperimentConfig, dp_rank: int, dp_size: int, vision_cache=None) -> DataSource:
+    """The data pipeline's packed-sequence iterator for this DP rank (one sequence per micro-batch);
+    `vision_cache`: the ViT feature cache (data/vision_cache.py) its images are looked up in."""
     import torch
     from megatron.core import parallel_state
 
@@ -38,7 +39,8 @@ def build_data(cfg: ExperimentConfig, dp_rank: int, dp_size: int) -> DataSource:
                                 seed=cfg.train.seed,
                                 device_id=torch.cuda.current_device() if torch.cuda.is_available() else None,
                                 decode_media=parallel_state.is_pipeline_first_stage(),
-                                kept_samples=PipelineKeptSamples() if pipelined else None)
+                                kept_samples=PipelineKeptSamples() if pipelined else None,
+                                vision_cache=vision_cache)
 
 
 def tokenizer_dir(cfg: ExperimentConfig) -> str:
