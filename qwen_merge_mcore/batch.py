@@ -14,6 +14,12 @@ class VisionInput:
 
     pixel_values: torch.Tensor  # [total_patches, in_channels * temporal_patch * patch * patch]
     grid_thw: torch.Tensor  # [n, 3] long: patches along (t, h, w) of each image, before the 2x2 merge
+    # With a ViT feature cache (data.vision_cache): each image's cache key, and the cached ViT
+    # output of the images found there ([their patches, vision hidden], image order, in `cached`);
+    # `pixel_values` then holds the other images' patches only.
+    keys: Optional[tuple[str, ...]] = None
+    cached: Optional[torch.Tensor] = None  # [n] bool
+    features: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -40,7 +46,9 @@ class Batch:
             if isinstance(value, torch.Tensor):
                 value = value.to(device, non_blocking=True)
             elif isinstance(value, VisionInput):
-                value = VisionInput(value.pixel_values.to(device, non_blocking=True), value.grid_thw.to(device))
+                features = None if value.features is None else value.features.to(device, non_blocking=True)
+                value = VisionInput(value.pixel_values.to(device, non_blocking=True), value.grid_thw.to(device),
+                                    value.keys, value.cached, features)
             moved[f.name] = value
         return Batch(**moved)
 

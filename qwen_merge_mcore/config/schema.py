@@ -323,6 +323,8 @@ class DataConfig:
     max_bad_fraction: float = 0.01  # stop when more than this fraction of samples is unusable
     num_workers: int = 2
     shuffle: bool = True
+    # Folder of cached ViT features (frozen ViT only): images seen before skip decoding and the ViT.
+    vision_cache: Optional[str] = None
 
     def validate(self, prefix: str = "data") -> None:
         for i, ds in enumerate(self.datasets):
@@ -386,6 +388,9 @@ class ExperimentConfig:
         for section in ("model", "parallel", "precision", "train", "data", "checkpoint", "logging"):
             getattr(self, section).validate()
         validate_layout(self.model, self.parallel)
+        if self.data.vision_cache is not None:
+            _require(self.model.has_vision and "vision" in self.train.freeze, "data.vision_cache",
+                     "caches the features of a frozen ViT: the model needs a ViT and train.freeze must list 'vision'")
         if self.model.has_vision and self.model.vision.parallel == "replicated":
             _require("vision" in self.train.freeze, "model.vision.parallel",
                      "replicated needs the ViT frozen (train.freeze lists 'vision'): each TP rank encodes "

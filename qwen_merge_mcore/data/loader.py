@@ -11,6 +11,7 @@ deterministically on resume, so a resumed run continues with the next unseen sam
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Optional, Protocol, Sequence
@@ -60,12 +61,13 @@ class TrainIterator:
                  micro_batch_tokens: Optional[int] = None, seed: int = 0, device_id: Optional[int] = None,
                  step_samples: int = 512, pad_to_full: bool = False, decode_media: bool = True,
                  kept_samples: Optional["KeptSamples"] = None, microbatch_multiple: int = 1,
-                 freeze: Sequence[str] = ("vision",)):
+                 freeze: Sequence[str] = ("vision",), vision_cache=None):
         if not data_cfg.datasets:
             raise ValueError("data.datasets is empty")
         if not decode_media and kept_samples is None:
             raise ValueError("decode_media=False needs kept_samples: the decoding stage's dropped samples")
         self.decode_media, self.kept_samples = decode_media, kept_samples
+        self.vision_cache = vision_cache  # data/vision_cache.py: images found there are not decoded
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank {dp_rank} outside 0..{dp_size - 1}")
         self.cfg, self.model_cfg = data_cfg, model_cfg
@@ -205,7 +207,7 @@ class TrainIterator:
         while True:
             owner = [k for k, s in enumerate(kept) for _ in s.images]
             try:
-                done = self.images([img for s in kept for img in s.images]) if owner else []
+                done = self._decode_images([img for s in kept for img in s.images]) if owner else []
                 break
             except BadSample as err:
                 bad = kept.pop(owner[err.index] if err.index is not None else 0)
@@ -222,7 +224,7 @@ class TrainIterator:
                 dropped[id(s)] = (s.row_id, err)
                 continue
             usable.append(s)
-            pixels += [d.pixel_values for d in mine]
+            pixels += mine
             grids += s.image_grids
             vpixels += [v.pixel_values for v in vids]
             vgrids += [v.grid_thw for v in vids]
@@ -230,7 +232,37 @@ class TrainIterator:
             self.kept_samples.publish([dropped[id(s)][1].reason if id(s) in dropped else None for s in samples])
         for row_id, err in dropped.values():
             self.bad.skip(row_id, err, already_seen=True)
-        return self._pack(usable, _vision(pixels, grids), _vision(vpixels, vgrids))
+        return self._pack(usable, self._image_input(pixels, grids), _vision(vpixels, vgrids))
+
+    def _decode_images(self, images: list[bytes]) -> list:
+        """DALI-processed images, or `_Cached` entries for images in the ViT feature cache."""
+        if self.vision_cache is None:
+            return self.images(images)
+        from .vision_cache import image_key
+
+        keys = [image_key(data) for data in images]
+        found = self.vision_cache.lookup(keys)
+        todo = [i for i, f in enumerate(found) if f is None]
+        try:
+            decoded = iter(self.images([images[i] for i in todo]) if todo else ())
+        except BadSample as err:
+            if err.index is not None:  # a position among the decoded images -> among all
+                err.index = todo[err.index]
+            raise
+        return [_Cached(key, f, self.spec.image_grid(*image_size(data))) if f is not None
+                else dataclasses.replace(next(decoded), key=key) for key, f, data in zip(keys, found, images)]
+
+    def _image_input(self, images: list, grids: list) -> Optional[VisionInput]:
+        """The ViT input of the bin's images (`ProcessedImage` or `_Cached` entries)."""
+        if self.vision_cache is None or not images:
+            return _vision([d.pixel_values for d in images], grids)
+        cached = [isinstance(d, _Cached) for d in images]
+        decoded = [d.pixel_values for d in images if not isinstance(d, _Cached)]
+        features = [d.features for d in images if isinstance(d, _Cached)]
+        width = 3 * self.spec.temporal_patch_size * self.spec.patch_size ** 2
+        return VisionInput(torch.cat(decoded) if decoded else torch.zeros(0, width),
+                           torch.tensor(grids, dtype=torch.long), tuple(d.key for d in images),
+                           torch.tensor(cached), torch.cat(features) if features else None)
 
     def _pack(self, usable: list[PackedSample], images, videos) -> Batch:
         """An empty slot (too few samples in the step, or all of the bin's media failed) becomes a
@@ -280,6 +312,15 @@ def _read_media(media, kind: str) -> bytes:
         raise BadSample("missing_file", f"{kind} {media} does not exist") from None
     except OSError as err:
         raise BadSample("missing_file", f"{kind} {media} cannot be read: {err}") from None
+
+
+@dataclass
+class _Cached:
+    """An image found in the ViT feature cache, standing in for its decoded pixels."""
+
+    key: str
+    features: torch.Tensor
+    grid_thw: tuple
 
 
 def _vision(pixels: list[torch.Tensor], grids: list) -> Optional[VisionInput]:

@@ -197,6 +197,7 @@ def dali_to_torch(tensor_list, index: int) -> torch.Tensor:
 class ProcessedImage:
     pixel_values: torch.Tensor  # [patches, C*T*P*P] float32
     grid_thw: tuple[int, int, int]
+    key: Optional[str] = None  # the ViT feature cache's key (data/vision_cache.py), when one is used
 
 
 class ImageProcessor:

@@ -40,6 +40,7 @@ class QwenMergeModel(MegatronModule):
         self.language_model = language_model
         # Read by Megatron's finalize_model_grads to all-reduce tied embedding gradients.
         self.share_embeddings_and_output_weights = language_model.share_embeddings_and_output_weights
+        self.vision_cache = None  # data.vision_cache: filled with the ViT output of cache misses
 
     def shared_embedding_or_output_weight(self) -> Optional[torch.Tensor]:
         return self.language_model.shared_embedding_or_output_weight()
@@ -110,8 +111,28 @@ class QwenMergeModel(MegatronModule):
     def encode(self, media: VisionInput) -> torch.Tensor:
         """ViT + projector: [n_merged_tokens, LLM hidden]. A frozen ViT runs without autograd."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and _trains(self.vision_model)):
-            patches = self.vision_model(media.pixel_values, media.grid_thw)
+            patches = self._vision_features(media)
         return self.projector(patches)
+
+    def _vision_features(self, media: VisionInput) -> torch.Tensor:
+        """The ViT output of every image: cached images from `media.features`, the others encoded
+        (and put into the feature cache, before the projector's TP collectives: see vision_cache.py)."""
+        if media.keys is None:
+            return self.vision_model(media.pixel_values, media.grid_thw)
+        cached = media.cached if media.cached is not None else torch.zeros(len(media.keys), dtype=torch.bool)
+        sizes = media.grid_thw.prod(-1).tolist()
+        hits = iter(media.features.split([n for n, c in zip(sizes, cached.tolist()) if c])
+                    if media.features is not None else ())
+        misses = iter(())
+        if not bool(cached.all()):
+            grids = media.grid_thw[~cached.to(media.grid_thw.device)]
+            misses = iter(self.vision_model(media.pixel_values, grids).split(grids.prod(-1).tolist()))
+        parts = [next(hits) if c else next(misses) for c in cached.tolist()]
+        if self.vision_cache is not None:
+            for key, c, features in zip(media.keys, cached.tolist(), parts):
+                if not c:
+                    self.vision_cache.put(key, features)
+        return torch.cat(parts)
 
 
 def _trains(module: torch.nn.Module) -> bool:

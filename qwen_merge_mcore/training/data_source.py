@@ -24,9 +24,10 @@ class DataSource(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
-def build_data(cfg: ExperimentConfig, dp_rank: int, dp_size: int) -> DataSource:
+def build_data(cfg: ExperimentConfig, dp_rank: int, dp_size: int, vision_cache=None) -> DataSource:
     """The data pipeline's packed-sequence iterator for this DP rank (one sequence per micro-batch;
-    each step takes train.global_batch_samples samples)."""
+    each step takes train.global_batch_samples samples); `vision_cache`: the ViT feature cache
+    (data/vision_cache.py) its images are looked up in."""
     import torch
     from megatron.core import parallel_state
 
@@ -42,7 +43,8 @@ def build_data(cfg: ExperimentConfig, dp_rank: int, dp_size: int) -> DataSource:
                                 device_id=torch.cuda.current_device() if torch.cuda.is_available() else None,
                                 decode_media=parallel_state.is_pipeline_first_stage(),
                                 kept_samples=PipelineKeptSamples() if pp > 1 else None,
-                                microbatch_multiple=pp if interleaved else 1, freeze=cfg.train.freeze)
+                                microbatch_multiple=pp if interleaved else 1, freeze=cfg.train.freeze,
+                                vision_cache=vision_cache)
 
 
 def tokenizer_dir(cfg: ExperimentConfig) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import random
 import time
 from typing import Callable, Optional
@@ -12,6 +13,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from ..config import ExperimentConfig
+from ..data.vision_cache import open_for_training
 from ..perf.flops import BatchStats, step_flops
 from . import checkpointing, data_source
 from .checkpointing import Checkpointer, TrainState
@@ -64,7 +66,8 @@ def run_training(cfg: ExperimentConfig, builder: Optional[ModelBuilder] = None,
     if cfg.checkpoint.pretrained and not resuming:  # before the engine copies params (fp32 main params)
         source = checkpointing.load_weights(cfg.checkpoint.pretrained, chunks, cfg.model)
     engine = build_engine(cfg, chunks)
-    data = (make_data or data_source.build_data)(cfg, dp_rank, dp)
+    vision_cache = open_for_training(cfg, chunks)  # after the weights: it is keyed by their hash
+    data = (make_data or functools.partial(data_source.build_data, vision_cache=vision_cache))(cfg, dp_rank, dp)
     total = data_source.train_iters(cfg, data)
     scheduler = build_scheduler(engine.optimizer, cfg.train, total)
     state = ckpt.resume(engine, scheduler, data) if resuming else None
@@ -114,6 +117,8 @@ def run_training(cfg: ExperimentConfig, builder: Optional[ModelBuilder] = None,
                          f"checkpoint {saved}")
                 break
         ckpt.wait()
+        if vision_cache is not None:
+            vision_cache.close()  # the last partial shard
     finally:
         signals.restore()
     return log.finish(state.nan_steps, interrupted, str(saved) if saved else None, state.losses)
