@@ -45,7 +45,8 @@ def test_offline_text_and_image_questions_in_both_modes(offline, questions, teac
     assert set(report.dropped) <= {"length", "empty_answer"}
     rows = _rows(out)
     assert {r["mode"] for r in rows} == {"think", "nothink"}
-    assert {(bool(r["images"]), r["mode"]) for r in rows} == {(i, m) for i in (True, False) for m in ("think", "nothink")}
+    kinds = {(bool(r["images"]), r["mode"]) for r in rows}
+    assert kinds == {(i, m) for i in (True, False) for m in ("think", "nothink")}
     by_id = {r.get("id") or stable_id(r): r for r in questions["rows"] if "bogus" not in r}
     assert stable_id(questions["rows"][4]) in {r["id"] for r in rows} | set(_done_ids(out))
     for row in rows:
