@@ -45,7 +45,8 @@ def test_offline_text_and_image_questions_in_both_modes(offline, questions, teac
     assert set(report.dropped) <= {"length", "empty_answer"}
     rows = _rows(out)
     assert {r["mode"] for r in rows} == {"think", "nothink"}
-    assert {(bool(r["images"]), r["mode"]) for r in rows} == {(i, m) for i in (True, False) for m in ("think", "nothink")}
+    kinds = {(bool(r["images"]), r["mode"]) for r in rows}
+    assert kinds == {(i, m) for i in (True, False) for m in ("think", "nothink")}
     by_id = {r.get("id") or stable_id(r): r for r in questions["rows"] if "bogus" not in r}
     assert stable_id(questions["rows"][4]) in {r["id"] for r in rows} | set(_done_ids(out))
     for row in rows:
@@ -134,3 +135,28 @@ def test_unreachable_server_fails_with_one_line_after_retries(questions, tmp_pat
     assert out.returncode == 1
     assert f"qmm distill generate: error: --server {url}: no model list at {url}/v1/models after 2 tries" \
            in out.stderr and "Traceback" not in out.stderr
+
+
+def test_sbatch_array_splits_the_questions_by_id(offline, server, questions, tmp_path):
+    from qwen_merge_mcore.testing.slurm import SlurmCluster, slurm_missing
+
+    reason = slurm_missing()
+    if reason:
+        pytest.skip(reason)
+    out = tmp_path / "out"
+    env = {"SERVER": server, "INPUT": str(questions["path"]), "OUT_DIR": str(out), "PYTHON": sys.executable,
+           "PYTHONPATH": str(REPO), "MAX_TOKENS": str(MAX_TOKENS),
+           "EXTRA": f"--stop-token-ids {','.join(map(str, STOP_IDS))} --chunk 2"}
+    with SlurmCluster(tmp_path / "slurm") as slurm:
+        job = slurm.sbatch(["--array=0-1", "--cpus-per-task=1", f"--output={tmp_path}/job-%a.out",
+                            "slurm/distill.sbatch"], env=env, cwd=REPO)
+        for task in (0, 1):
+            state = slurm.wait(f"{job}_{task}", timeout=600)
+            log = (tmp_path / f"job-{task}.out").read_text()
+            assert state == ("COMPLETED", "0:0"), f"{state}\n{log[-3000:]}"
+            # Under Slurm: progress lines, no bar.
+            assert f"distill generate s{task:04d}of0002: " in log and "questions/s" in log, log[-3000:]
+    shards = {p.name.split("-")[0] for p in (out / "progress").glob("*.json")}
+    assert shards == {"s0000of0002", "s0001of0002"}
+    assert set(_done_ids(out).values()) == {1} and len(_done_ids(out)) == 10
+    assert _rows(out) == _rows(offline[0])
