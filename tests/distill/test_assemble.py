@@ -44,7 +44,7 @@ def test_assembled_stage3_mix_checks_and_trains(offline, tiny, tmp_path, capsys)
 
     config = yaml.safe_load((REPO / "launch/tiny/stage3.yaml").read_text())
     config["parallel"]["tensor_model_parallel_size"] = 1
-    config["train"].update(train_iters=2, global_batch_size=2, engine="cpu")
+    config["train"].update(train_iters=2, global_batch_samples=2, engine="cpu")
     config["data"].update(section, tokenizer=str(tiny["qwen3"]), seq_length=512)
     config["checkpoint"] = {"save": str(tmp_path / "run"), "save_interval": 2}
     config["logging"] = {"log_interval": 1, "summary_json": str(tmp_path / "run" / "summary.json"),
