@@ -22,7 +22,7 @@ def _config(tokenizer, data, cache=None, seed=1234, max_pixels=12544):
         "model": {"preset": "tiny", "backend": "local"},
         "parallel": {"tensor_model_parallel_size": 2},
         "precision": {"params_dtype": "fp32"},
-        "train": {"stage": "stage1", "freeze": ["vision", "language"], "lr": 5e-3, "global_batch_samples": 2,
+        "train": {"stage": "stage1", "freeze": ["vision", "language"], "lr": 5e-3, "global_batch_samples": 8,
                   "train_iters": 3, "seed": seed},
         "data": {"template": "pretrain", "seq_length": 256, "max_pixels": max_pixels, "num_workers": 0,
                  "shuffle": False, "tokenizer": str(tokenizer), "vision_cache": cache,
