@@ -65,7 +65,8 @@ def _bench(tokenizer, data, cache, size: int, steps: int) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=16, help="images in the data set (default 16)")
-    p.add_argument("--size", type=int, default=224, help="image side in pixels, also data.max_pixels = size^2 (default 224)")
+    p.add_argument("--size", type=int, default=224,
+                   help="image side in pixels, also data.max_pixels = size^2 (default 224)")
     p.add_argument("--steps", type=int, default=9, help="steps per run (default 9; one packed sequence each)")
     args = p.parse_args(argv)
 
@@ -95,7 +96,8 @@ def main(argv=None) -> int:
     print(f"tiny model, {args.images} images of {args.size}x{args.size} px, {args.steps} steps per run "
           f"(median, first left out), CPU")
     for name in ("plain", "filling", "reading"):
-        print(f"  {name:8s} step {median[name] * 1e3:8.1f} ms  (steps: {', '.join(f'{t * 1e3:.0f}' for t in times[name])})")
+        steps = ", ".join(f"{t * 1e3:.0f}" for t in times[name])
+        print(f"  {name:8s} step {median[name] * 1e3:8.1f} ms  (steps: {steps})")
     print(f"step time without cache / with cache (all hits): {median['plain'] / median['reading']:.2f}x")
     print(f"cache: {entries} images in {len(shards)} shard(s), {stored:,} bytes, {stored / entries:,.0f} bytes per "
           f"image (features {shape} {dtype})")

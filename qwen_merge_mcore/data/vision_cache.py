@@ -122,9 +122,10 @@ class VisionFeatureCache:
         except json.JSONDecodeError:
             raise VisionCacheError(f"data.vision_cache {self.root}: {MANIFEST} is not JSON") from None
         if have.get("vit_weights") != want["vit_weights"]:
+            built = str(have.get("vit_weights"))[:12]
             raise VisionCacheError(
-                f"data.vision_cache {self.root}: built for other ViT weights (hash {str(have.get('vit_weights'))[:12]}, "
-                f"this model {want['vit_weights'][:12]}); use another folder or the ViT it was built with")
+                f"data.vision_cache {self.root}: built for other ViT weights (hash {built}, this model "
+                f"{want['vit_weights'][:12]}); use another folder or the ViT it was built with")
         if have != want:
             diff = sorted(k for k in set(have.get("preprocessing", {})) | set(want["preprocessing"])
                           if have.get("preprocessing", {}).get(k) != want["preprocessing"].get(k))
