@@ -122,9 +122,10 @@ class VisionFeatureCache:
         except json.JSONDecodeError:
             raise VisionCacheError(f"data.vision_cache {self.root}: {MANIFEST} is not JSON") from None
         if have.get("vit_weights") != want["vit_weights"]:
+            built = str(have.get("vit_weights"))[:12]
             raise VisionCacheError(
-                f"data.vision_cache {self.root}: built for other ViT weights (hash {str(have.get('vit_weights'))[:12]}, "
-                f"this model {want['vit_weights'][:12]}); use another folder or the ViT it was built with")
+                f"data.vision_cache {self.root}: built for other ViT weights (hash {built}, this model "
+                f"{want['vit_weights'][:12]}); use another folder or the ViT it was built with")
         if have != want:
             diff = sorted(k for k in set(have.get("preprocessing", {})) | set(want["preprocessing"])
                           if have.get("preprocessing", {}).get(k) != want["preprocessing"].get(k))
@@ -200,15 +201,28 @@ def open_for_training(cfg, chunks: list) -> Optional[VisionFeatureCache]:
 
     if cfg.data.vision_cache is None:
         return None
-    cache = None
+    cache, error = None, None
     vision = part_modules(chunks[0])["vision"]
     if vision is not None:
         dtype = next(vision.parameters()).dtype
         identity = CacheIdentity(preprocessing_settings(VisionSpec.from_configs(cfg.data, cfg.model), dtype),
                                  vit_weights_hash(vision))
-        cache = VisionFeatureCache(cfg.data.vision_cache, identity, parallel_state.get_data_parallel_rank(),
-                                   writer=parallel_state.get_tensor_model_parallel_rank() == 0)
-        unwrap(chunks[0]).vision_cache = cache
+        try:
+            cache = VisionFeatureCache(cfg.data.vision_cache, identity, parallel_state.get_data_parallel_rank(),
+                                       writer=parallel_state.get_tensor_model_parallel_rank() == 0)
+        except VisionCacheError as err:
+            error = err
+        else:
+            unwrap(chunks[0]).vision_cache = cache
     if dist.is_initialized():
-        dist.barrier()
+        # Every rank learns of a refusal (stages without a ViT would otherwise wait forever); this
+        # collective is also the barrier that orders all opens before any write.
+        failed = torch.tensor([error is not None], dtype=torch.int32,
+                              device="cuda" if torch.cuda.is_available() else "cpu")
+        dist.all_reduce(failed)
+        if error is None and int(failed):
+            error = VisionCacheError(f"data.vision_cache {cfg.data.vision_cache}: refused on another rank (see its "
+                                     "error)")
+    if error is not None:
+        raise error
     return cache

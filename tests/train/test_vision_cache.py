@@ -60,6 +60,13 @@ def _runs(tokenizer, data, cache) -> dict:
     out = {}
     for name, folder in (("plain", None), ("filling", cache), ("reading", cache)):
         out[name] = _counting(lambda: run_training(_config(tokenizer, data, folder)))
+    # Another seed initialises other ViT weights; another pixel budget changes the preprocessing.
+    for name, changed in (("other_weights", {"seed": 7}), ("other_settings", {"max_pixels": 50176})):
+        try:
+            run_training(_config(tokenizer, data, cache, **changed))
+            out[name] = "no error"
+        except ValueError as err:
+            out[name] = str(err)
     return out
 
 
@@ -75,7 +82,8 @@ def runs(tiny, distributed, tmp_path_factory):
 
 def test_cache_gives_the_same_losses(runs):
     logged = runs["ranks"][0]  # rank 0 logs the losses
-    print({name: (r["losses"], r["decoded"], r["vit"]) for name, r in logged.items()})
+    print({name: (logged[name]["losses"], logged[name]["decoded"], logged[name]["vit"])
+           for name in ("plain", "filling", "reading")})
     assert len(logged["plain"]["losses"]) == 3
     assert logged["filling"]["losses"] == logged["plain"]["losses"]  # bit-identical floats
     assert logged["reading"]["losses"] == logged["plain"]["losses"]
@@ -89,6 +97,15 @@ def test_later_passes_and_runs_read_the_cache(runs):
         assert filling["decoded"] == runs["distinct"]  # each distinct image once, on the first pass
         assert filling["vit"] < plain["vit"]
         assert reading["decoded"] == 0 and reading["vit"] == 0
+
+
+def test_training_refuses_a_cache_of_other_weights_or_settings(runs):
+    for rank in runs["ranks"]:
+        assert rank["other_weights"].startswith("data.vision_cache ") and \
+            "built for other ViT weights" in rank["other_weights"], rank["other_weights"]
+        assert "built with other preprocessing settings (max_pixels differ)" in rank["other_settings"], \
+            rank["other_settings"]
+        assert "\n" not in rank["other_weights"] + rank["other_settings"]
 
 
 def test_cache_for_other_weights_or_settings_is_refused(tmp_path):
