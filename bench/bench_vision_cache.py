@@ -28,7 +28,7 @@ def _config(tokenizer, data, cache, size: int, steps: int):
     return config_from_dict({
         "model": {"preset": "tiny", "backend": "local"},
         "precision": {"params_dtype": "fp32"},
-        "train": {"stage": "stage1", "freeze": ["vision", "language"], "lr": 5e-3, "global_batch_size": 1,
+        "train": {"stage": "stage1", "freeze": ["vision", "language"], "lr": 5e-3, "global_batch_samples": 4,
                   "train_iters": steps},
         "data": {"template": "pretrain", "seq_length": 1024, "max_pixels": size * size, "num_workers": 1,
                  "shuffle": False, "tokenizer": str(tokenizer), "vision_cache": cache,
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=int, default=16, help="images in the data set (default 16)")
     p.add_argument("--size", type=int, default=224,
                    help="image side in pixels, also data.max_pixels = size^2 (default 224)")
-    p.add_argument("--steps", type=int, default=9, help="steps per run (default 9; one packed sequence each)")
+    p.add_argument("--steps", type=int, default=9, help="steps per run (default 9; 4 samples each)")
     args = p.parse_args(argv)
 
     from safetensors import safe_open
