@@ -4,8 +4,9 @@ On SIGTERM (preemption, `scancel`, `kill`) torchrun passes the signal to its wor
 `--shutdown-timeout` seconds for them, and then fails with a traceback and exit 1, even when
 every worker saved a checkpoint and exited with 75 (EXIT_INTERRUPTED): a requeue wrapper cannot
 tell that from a crash. This runs torchrun itself (same arguments) and, when the signal stopped
-workers that all exited with 75, says so in one line and exits 75. Anything else stays
-torchrun's own outcome. Give `--shutdown-timeout` room for a checkpoint save of the model.
+workers that all exited with 75, says so in one line and exits 75. A failed worker (which
+printed its one-line error) ends it with that worker's exit code and one line naming it instead
+of torchrun's traceback. Give `--shutdown-timeout` room for a checkpoint save of the model.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from .training.signals import EXIT_INTERRUPTED
 def main(argv: list[str] | None = None) -> int:
     from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
     from torch.distributed.elastic.multiprocessing import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher import api
     from torch.distributed.run import main as torchrun
 
@@ -35,6 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     api.LocalElasticAgent = Agent  # what launch_agent builds the agent from
     try:
         torchrun(argv)
+    except ChildFailedError as err:  # each worker printed its own error; torchrun's is a 30-line table
+        rank, failure = err.get_first_failure()
+        print(f"torchrun: worker {rank} failed first, exit code {failure.exitcode} (its error is above)",
+              file=sys.stderr)
+        return failure.exitcode if failure.exitcode > 0 else 1
     except SignalException as err:
         if not exit_codes or any(code != EXIT_INTERRUPTED for code in exit_codes):
             raise
