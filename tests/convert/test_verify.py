@@ -1,6 +1,7 @@
 """What a converted checkpoint promises is checked before it is used: the files against the
 CRC32s and sizes in `convert_manifest.json` (by `qmm mcore2hf` and by every load), the config in
-`hf_meta/` against the tensors' shapes (by `qmm mcore2hf`)."""
+`hf_meta/` against the tensors' shapes (by `qmm mcore2hf`). And the shards are no larger than the
+weights they hold."""
 
 from __future__ import annotations
 
@@ -15,10 +16,12 @@ from qwen_merge_mcore.cli import main
 
 @pytest.fixture(scope="module")
 def ckpts(tiny, tmp_path_factory):
-    """Converted tiny Qwen3 and Qwen2.5-VL checkpoints (TP1), written by `hf2mcore` with their manifest."""
+    """Tiny Qwen3 (TP1, TP2) and Qwen2.5-VL (TP1) checkpoints written by `hf2mcore`, with their manifest."""
     root = tmp_path_factory.mktemp("verify")
     for name in ("qwen3", "qwen2_5_vl"):
         hf_to_mcore(ConvertOptions(hf=str(tiny[name]), out=str(root / name), progress=False, sync_files=False))
+    hf_to_mcore(ConvertOptions(hf=str(tiny["qwen3"]), out=str(root / "qwen3-tp2"), tp=2, progress=False,
+                               sync_files=False))
     return root
 
 
@@ -128,3 +131,19 @@ def test_export_takes_a_run_folder_at_its_latest_checkpoint(ckpts, tmp_path):
     assert main(["mcore2hf", "--mcore", str(ckpts / "qwen3"), "--out", str(tmp_path / "ref"), "--no-progress"]) == 0
     got, want = load_file(tmp_path / "hf" / "model.safetensors"), load_file(tmp_path / "ref" / "model.safetensors")
     assert got.keys() == want.keys() and all(got[k].equal(want[k]) for k in want)
+
+
+# torch.save's zip framing around each tensor (headers, pickle, alignment): about 1.5 KB.
+FRAMING = 2048
+
+
+@pytest.mark.parametrize("name", ["qwen3", "qwen3-tp2"])
+def test_the_shards_hold_only_the_weights(tiny, ckpts, name):
+    """Within 1% of the HF weights (vocabulary padding) plus framing: each tensor's own bytes,
+    not the whole buffer it was sliced from (which took 1.6x the weights at TP2)."""
+    from qwen_merge_mcore.checkpoint.safetensors_io import SafetensorsFolder
+
+    weights = SafetensorsFolder(tiny["qwen3"]).total_bytes
+    manifest = json.loads((ckpts / name / "convert_manifest.json").read_text())
+    shards = sum(f["bytes"] for n, f in manifest["files"].items() if n.endswith(".distcp"))
+    assert shards <= 1.01 * weights + FRAMING * len(manifest["tensors"]), (shards, weights)
