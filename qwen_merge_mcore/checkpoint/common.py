@@ -18,11 +18,12 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable, Container, Optional
+from typing import Callable, Optional
 
 from ..config import ExperimentConfig, ModelConfig, ParallelConfig, PrecisionConfig, TrainConfig
 from ..hf_config import model_config_from_hf
 from .safetensors_io import INDEX, SINGLE, CheckpointError
+from .stored import stored_key
 
 HF_META = "hf_meta"
 EXTRA_STATE = "_extra_state"
@@ -123,27 +124,6 @@ class single_process_group:
         if self.owner:
             dist.destroy_process_group()
             shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# ---------------------------------------------------------------------------------------------
-
-def _older_names() -> dict[str, str]:
-    from ..models.specs import LOCAL_TO_TE_KEYS
-
-    return {f".{te}": f".{local}" for local, te in LOCAL_TO_TE_KEYS.items()}
-
-
-def stored_key(key: str, stored: Container[str]) -> str:
-    """`key` as the checkpoint spells it: itself, or the name the local spec wrote before it
-    declared the te names (`...input_layernorm.weight` for `...linear_qkv.layer_norm_weight`)."""
-    if key in stored:
-        return key
-    for new, old in _older_names().items():
-        older = key.replace(new, old)
-        if older != key and older in stored:
-            return older
-    return key
 
 
 def verify_sizes(ckpt_dir: str | Path) -> None:

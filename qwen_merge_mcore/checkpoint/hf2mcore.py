@@ -26,7 +26,6 @@ from ..config import ModelConfig, ParallelConfig
 from ..config.schema import validate_layout
 from ..utils.atomic import atomic_output_dir, check_output_not_input
 from .common import HF_META, converter_experiment, copy_hf_meta, model_chunks, model_state, read_model_config
-from .mapping import param_mappings
 from .safetensors_io import CheckpointError, SafetensorsFolder, preview
 from .verify import MANIFEST, file_crc32
 # The ranks meet in a collective after writing their shards, so one rank may wait there for the
@@ -67,24 +66,6 @@ def converter_model_config(folder: SafetensorsFolder) -> ModelConfig:
 def check_layout(cfg: ModelConfig, parallel: ParallelConfig) -> None:
     parallel.validate()
     validate_layout(cfg, parallel)
-
-
-def check_coverage(folder: SafetensorsFolder, cfg: ModelConfig) -> None:
-    """Every HF tensor is consumed exactly once by the table, and the table finds all it needs."""
-    wanted = [h for m in param_mappings(cfg) for h in m.hf]
-    dupes = sorted({h for h in wanted if wanted.count(h) > 1})
-    missing = sorted(set(wanted) - set(folder.names()))
-    leftover = sorted(set(folder.names()) - set(wanted))
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} tensors the config requires are missing: {preview(missing)}")
-    if leftover:
-        problems.append(f"{len(leftover)} tensors would be left over (not in the {cfg.architecture} "
-                        f"mapping): {preview(leftover)}")
-    if dupes:
-        problems.append(f"tensors mapped twice: {preview(dupes)}")
-    if problems:
-        raise CheckpointError(f"{folder.folder}: " + "; ".join(problems))
 
 
 def convert_rank(hf_dir: str, out_dir: str, cfg: ModelConfig, parallel: ParallelConfig, dtype: str,
@@ -131,6 +112,8 @@ def hf_to_mcore(opts: ConvertOptions) -> Path:
     """Convert, spawning one CPU/GPU process per model-parallel rank, or, under torchrun/srun
     (WORLD_SIZE set), as this process's rank."""
     check_output_not_input(opts.out, [opts.hf])
+    from .hf_source import check_coverage
+
     folder = SafetensorsFolder(opts.hf)
     cfg = converter_model_config(folder)
     parallel = opts.parallel

@@ -201,13 +201,30 @@ def config_differences(hf: ModelConfig, model: ModelConfig) -> list[str]:
     return [f"{k}: {theirs[k]!r} != {ours[k]!r}" for k in theirs if k not in skip and theirs[k] != ours[k]]
 
 
+def check_coverage(folder: SafetensorsFolder, cfg: ModelConfig) -> None:
+    """Every HF tensor is consumed exactly once by the table, and the table finds all it needs."""
+    wanted = [h for m in param_mappings(cfg) for h in m.hf]
+    dupes = sorted({h for h in wanted if wanted.count(h) > 1})
+    missing = sorted(set(wanted) - set(folder.names()))
+    leftover = sorted(set(folder.names()) - set(wanted))
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} tensors the config requires are missing: {preview(missing)}")
+    if leftover:
+        problems.append(f"{len(leftover)} tensors would be left over (not in the {cfg.architecture} "
+                        f"mapping): {preview(leftover)}")
+    if dupes:
+        problems.append(f"tensors mapped twice: {preview(dupes)}")
+    if problems:
+        raise CheckpointError(f"{folder.folder}: " + "; ".join(problems))
+
+
 def load_hf_folder(chunks: list[torch.nn.Module], hf_dir, cfg: ModelConfig) -> None:
     """Weights-only start from a Hugging Face folder (Qwen-Merge, Qwen3 or Qwen2.5-VL, told apart
     by its config.json): each rank fills its model chunks with its own slices through the mapping
     table, as `qmm hf2mcore` would have written them. The folder's config must describe `cfg`'s
     model, and every tensor in it must belong to the table."""
     from .common import read_model_config
-    from .hf2mcore import check_coverage
 
     folder = SafetensorsFolder(hf_dir)
     hf_cfg = read_model_config(folder.folder / "config.json")[1]

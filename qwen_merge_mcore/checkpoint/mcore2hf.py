@@ -5,7 +5,7 @@ layer's parameters, or one embedding): it reads and reassembles them from howeve
 shards wrote them. The mapping table turns each into HF tensors (dropping vocabulary padding),
 which go straight to their place in the output shards. Works for layer-stacked
 (`...layers.<param>` with a layer axis) and per-layer (`...layers.<i>.<param>`) keys, and for
-checkpoints with the local spec's older norm names (`common.stored_key`). The config, tokenizer,
+checkpoints with the local spec's older norm names (`stored.stored_key`). The config, tokenizer,
 processor, chat template and remote code come from `hf_meta/`, stored there by `hf2mcore`.
 Before anything is read, the files are checked against `convert_manifest.json` and the config
 against the tensors' shapes (`verify.py`).
@@ -23,47 +23,12 @@ from tqdm import tqdm
 from ..dtypes import HF_NAMES, from_hf_name, torch_dtype
 from ..hf_config import hf_dtype_name
 from ..utils.atomic import atomic_output_dir, check_output_not_input
-from .common import (EXTRA_STATE, HF_META, checkpoint_model_config, copy_hf_meta, single_process_group,
-                     stored_key)
+from .common import EXTRA_STATE, HF_META, checkpoint_model_config, copy_hf_meta, single_process_group
 from .mapping import ParamMapping, param_mappings, split_layer
+from .run_folder import resolve_checkpoint_dir
 from .safetensors_io import CheckpointError, ShardedSafetensorsWriter, TensorSpec, preview
+from .stored import StoredTensor, locate
 from .verify import check_config, check_files
-
-
-class _StoredTensor:
-    """Where a table entry lives in the checkpoint: a key and, for layer-stacked keys, the layer."""
-
-    def __init__(self, key: str, shape: tuple[int, ...], dtype: torch.dtype, layer: int | None, layers: int):
-        self.key, self.shape, self.dtype, self.layer, self.layers = key, shape, dtype, layer, layers
-
-    def sharded_tensor(self):
-        from megatron.core.dist_checkpointing import ShardedTensor
-
-        if self.layer is None:
-            return ShardedTensor.from_rank_offsets(self.key, torch.empty(self.shape, dtype=self.dtype))
-        # One layer of a layer-stacked key, addressed as a [1, ...] block of the [layers, ...] tensor
-        # (with a prepended axis, Megatron's loader assumes every rank holds a layer).
-        data = torch.empty((1, *self.shape), dtype=self.dtype)
-        return ShardedTensor.from_rank_offsets(self.key, data, (0, self.layer, self.layers))
-
-    def unwrap(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor if self.layer is None else tensor[0]
-
-
-def locate(name: str, metadata: dict) -> _StoredTensor:
-    """Find table entry `name` (global layer index) among the checkpoint's keys: per layer, or
-    one layer of a layer-stacked key."""
-    key = stored_key(name, metadata)
-    if key in metadata:
-        meta = metadata[key]
-        return _StoredTensor(key, tuple(meta.global_shape), meta.dtype, None, 0)
-    layer = split_layer(name)
-    if layer is not None:
-        stacked = stored_key(layer.stacked, metadata)
-        if stacked in metadata:
-            meta = metadata[stacked]
-            return _StoredTensor(stacked, tuple(meta.global_shape[1:]), meta.dtype, layer.index, meta.global_shape[0])
-    raise CheckpointError(f"the checkpoint has no tensor for {name}")
 
 
 # The export's steps, shared with the training ranks' `hf_export.export_hf` (checkpoint.save_hf).
@@ -110,8 +75,6 @@ def mcore_to_hf(mcore_dir: str | Path, out: str | Path, dtype: str | None = None
                 max_shard_bytes: int = 5 * 10**9, progress: bool = True) -> Path:
     from megatron.core import dist_checkpointing
 
-    from ..training.checkpointing import resolve_checkpoint_dir
-
     check_output_not_input(out, [mcore_dir])
     # A checkpoint folder, or a training run folder (its latest iteration, as `checkpoint.pretrained`).
     mcore_dir = resolve_checkpoint_dir(mcore_dir)
@@ -144,7 +107,7 @@ def mcore_to_hf(mcore_dir: str | Path, out: str | Path, dtype: str | None = None
     return Path(out)
 
 
-def _check_leftovers(metadata: dict, stored: dict[str, _StoredTensor]) -> None:
+def _check_leftovers(metadata: dict, stored: dict[str, StoredTensor]) -> None:
     used = {s.key for s in stored.values()}
     # A training checkpoint also holds the optimizer's state (`optimizer.*`), which has no HF form.
     leftover = sorted(k for k in metadata if k not in used and not k.endswith(EXTRA_STATE)

@@ -21,6 +21,7 @@ from typing import Optional
 from ..config import ModelConfig
 from .mapping import INPUT_NORM
 from .safetensors_io import CheckpointError
+from .stored import locate
 
 MANIFEST = "convert_manifest.json"
 # Files are read in chunks of this size: memory stays flat whatever the shard size, and zlib's
@@ -106,8 +107,6 @@ def verify_files_collective(ckpt_dir: str | Path) -> None:
 def _layer0(metadata: dict, name: str) -> tuple[Optional[tuple[int, ...]], int]:
     """(per-layer shape, number of layers) of table entry `name` (layer 0), per-layer or stacked
     keys; (None, 0) when the checkpoint has no such tensor."""
-    from .mcore2hf import locate
-
     try:
         stored = locate(name, metadata)
     except CheckpointError:

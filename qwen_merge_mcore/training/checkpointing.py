@@ -41,6 +41,7 @@ from ..checkpoint.common import (HF_META, copy_hf_meta, is_hf_folder, load_model
 from ..checkpoint.cpu_compat import save_dist_checkpoint
 from ..checkpoint.hf_export import export_hf
 from ..checkpoint.hf_source import load_hf_folder
+from ..checkpoint.run_folder import LATEST, iter_dir, latest_iteration, resolve_checkpoint_dir, saved_iterations
 from ..checkpoint.safetensors_io import CheckpointError
 from ..config import ConfigError, ModelConfig
 from ..config.schema import PARTS
@@ -49,7 +50,6 @@ from ..utils.atomic import atomic_write_text, os_error_message
 from .errors import NonFiniteError
 from .optim import SCHEDULE_KEYS
 
-LATEST = "latest_checkpointed_iteration.txt"
 HF_DIR = "hf"  # checkpoint.save_hf's folder inside each checkpoint
 
 
@@ -59,42 +59,6 @@ class TrainState:
     nan_steps: int = 0  # steps skipped for a non-finite loss or gradient norm
     # Every step's loss from iteration 1 on, carried across resumes: the summary's whole curve.
     losses: list = field(default_factory=list)
-
-
-def iter_dir(root: str | Path, iteration: int) -> Path:
-    return Path(root) / f"iter_{iteration:07d}"
-
-
-def saved_iterations(root: str | Path) -> list[int]:
-    """The iterations that have a checkpoint folder, oldest first."""
-    return sorted(int(p.name[5:]) for p in Path(root).glob("iter_*") if p.is_dir() and p.name[5:].isdigit())
-
-
-def latest_iteration(root: str | Path) -> Optional[int]:
-    """The iteration named by `latest_checkpointed_iteration.txt`, or None if there is none."""
-    marker = Path(root) / LATEST
-    if not marker.is_file():
-        return None
-    text = marker.read_text().strip()
-    if not text.isdigit():
-        raise ValueError(f"{marker} holds {text!r}, not an iteration number")
-    if not iter_dir(root, int(text)).is_dir():
-        raise FileNotFoundError(f"{marker} names iteration {text}, but {iter_dir(root, int(text))} is missing")
-    return int(text)
-
-
-def resolve_checkpoint_dir(path: str | Path) -> Path:
-    """A torch_dist folder itself, or a run folder (its latest iteration)."""
-    path = Path(path)
-    if (path / "metadata.json").is_file():
-        return path
-    it = latest_iteration(path)
-    if it is None:
-        what = "does not exist" if not path.exists() else (
-            f"is neither a torch_dist checkpoint (no metadata.json), a run folder (no {LATEST}) nor a Hugging "
-            "Face folder (config.json and *.safetensors)")
-        raise FileNotFoundError(f"{path} {what}")
-    return iter_dir(path, it)
 
 
 def checkpoint_bytes(cfg) -> int:
