@@ -91,7 +91,7 @@ class Quickstart:
         config.write_text(stage_config(stage, self.work))
         overrides = [f"train.train_iters={self.steps}"] if self.steps else []
         self._run(f"qmm train {stage} (torchrun, {self.nproc} processes)",
-                  [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={self.nproc}",
+                  [sys.executable, "-m", "qwen_merge_mcore.torchrun", f"--nproc-per-node={self.nproc}",
                    f"--master-port={free_port()}", "-m", "qwen_merge_mcore", "train", "--config", str(config),
                    *overrides])
         summary = json.loads((run_dir / "summary.json").read_text())

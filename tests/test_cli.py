@@ -122,7 +122,7 @@ def test_train_says_how_to_launch_and_checks_data_before_building(tiny, tmp_path
 
     monkeypatch.setattr(distributed, "initialize", no_model)
     assert main(["train", "--config", _train_config(tmp_path, tiny, "[{path: x.jsonl}]", tp=2)]) == 1
-    assert "torchrun --nproc-per-node 2 -m qwen_merge_mcore train" in capsys.readouterr().err
+    assert "qwen_merge_mcore.torchrun --nproc-per-node 2 -m qwen_merge_mcore train" in capsys.readouterr().err
     missing = tmp_path / "missing.jsonl"
     assert main(["train", "--config", _train_config(tmp_path, tiny, f"[{{path: {missing}}}]")]) == 1
     err = capsys.readouterr().err

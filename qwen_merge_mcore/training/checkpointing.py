@@ -137,6 +137,18 @@ def _sharded_state(engine, data_state: Optional[dict], is_loading: bool, with_ra
     return state
 
 
+def check_pretrained(cfg) -> None:
+    """`checkpoint.pretrained` names a checkpoint, a run folder or an HF folder, checked at start
+    (unless the run resumes from its own checkpoints, which it then ignores)."""
+    source, save = cfg.checkpoint.pretrained, cfg.checkpoint.save
+    if not source or (save and latest_iteration(save) is not None) or is_hf_folder(source):
+        return
+    try:
+        resolve_checkpoint_dir(source)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError("checkpoint.pretrained", str(err)) from None
+
+
 def find_hf_meta(pretrained: Optional[str], save: Optional[str]) -> Optional[Path]:
     """The `hf_meta/` folder this run's checkpoints carry on: its own latest checkpoint's, else
     the one of the checkpoint it starts from (a converted checkpoint or a previous stage)."""

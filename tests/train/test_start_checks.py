@@ -34,9 +34,9 @@ def train(tiny, tmp_path, monkeypatch, capsys):
                       "train: {train_iters: 1, global_batch_samples: 2, engine: cpu}\n"
                       f"data: {{tokenizer: {tiny['qwen3']}, datasets: [{{path: {data['captions']}}}]}}\n")
 
-    def run(save):
+    def run(save, *overrides):
         try:
-            code = main(["train", "--config", str(config), f"checkpoint.save={save}"])
+            code = main(["train", "--config", str(config), f"checkpoint.save={save}", *overrides])
         except ChecksPassed:
             code = None
         return code, capsys.readouterr().err
@@ -57,3 +57,12 @@ def test_save_folder_not_writable_or_too_small_is_refused_at_start(train, tmpfs,
 
     code, err = train(tmp_path / "runs" / "ok")
     assert code is None, err
+
+
+def test_missing_pretrained_is_named_before_the_tokenizer_is_looked_up_in_it(train, tmp_path):
+    # Without data.tokenizer the tokenizer comes from the pretrained checkpoint's hf_meta/: a
+    # missing checkpoint must be reported as itself, not as "no tokenizer".
+    missing = tmp_path / "no_such_run"
+    code, err = train(tmp_path / "run", f"checkpoint.pretrained={missing}", "data.tokenizer=null")
+    assert code == 1 and "checkpoint.pretrained" in err and str(missing) in err and "does not exist" in err, err
+    assert "tokenizer" not in err and "Traceback" not in err, err
