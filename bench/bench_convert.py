@@ -8,11 +8,13 @@ Then, in the same run:
   copy      shutil.copyfile of every safetensors file into the same temp folder
   convert   `hf2mcore` (spawned ranks, as `qmm hf2mcore` runs), end to end and its write phase
 
-and prints throughput (GB of weights per second) and convert/copy ratios, plus the peak RSS of
-every conversion process (getrusage, as the ranks report it in the manifest). With --fsync both
+and prints throughput (GB of weights per second) and convert/copy ratios, the size written
+(`.distcp` shards, and the whole folder) against the input's weights (target: within 1% plus
+metadata), plus the peak RSS of every conversion process (getrusage, as the ranks report it in the
+manifest). With --fsync both
 sides flush to disk (os.fsync); without, both leave it to the page cache.
 
-    python bench/bench_convert.py --layers 4 --tp 1
+    python bench/bench_convert.py --layers 2 --tp 2   # Qwen3-8B shapes, 3.3 GB
 """
 
 from __future__ import annotations
@@ -92,7 +94,10 @@ def main() -> int:
         hf_to_mcore(ConvertOptions(hf=str(src), out=str(root / "mcore"), tp=args.tp, pp=args.pp,
                                    progress=False, sync_files=args.fsync))
         convert_s = time.perf_counter() - start
-        ranks = json.loads((root / "mcore" / MANIFEST).read_text())["ranks"]
+        manifest = json.loads((root / "mcore" / MANIFEST).read_text())
+        ranks = manifest["ranks"]
+        shards = sum(f["bytes"] for name, f in manifest["files"].items() if name.endswith(".distcp"))
+        folder = sum(p.stat().st_size for p in (root / "mcore").rglob("*") if p.is_file())
         save_s = max(r["save_seconds"] for r in ranks)
         gb = nbytes / 1e9
         result = {
@@ -101,6 +106,8 @@ def main() -> int:
             "convert_gb_s_end_to_end": round(gb / convert_s, 3),
             "convert_gb_s_write_phase": round(gb / save_s, 3),
             "ratio_end_to_end": round(copy_s / convert_s, 3), "ratio_write_phase": round(copy_s / save_s, 3),
+            "input_weights_gb": round(gb, 4), "written_shards_gb": round(shards / 1e9, 4),
+            "written_folder_gb": round(folder / 1e9, 4), "written_shards_vs_input": round(shards / nbytes, 4),
             "peak_rss_gb_per_rank": [round(r["peak_rss_bytes"] / 1e9, 3) for r in sorted(ranks, key=lambda r: r["rank"])],
         }
         print(json.dumps(result, indent=2))
