@@ -74,4 +74,4 @@ def test_config_weights_shape_mismatch(copy_of, tmp_path, capsys):
 
 def test_mcore2hf_refuses_a_non_checkpoint(tiny, tmp_path, capsys):
     assert main(["mcore2hf", "--mcore", str(tiny["qwen3"]), "--out", str(tmp_path / "o")]) == 1
-    assert "is neither a torch_dist checkpoint (no metadata.json) nor a run folder" in capsys.readouterr().err
+    assert "is neither a torch_dist checkpoint (no metadata.json), a run folder" in capsys.readouterr().err

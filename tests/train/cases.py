@@ -276,4 +276,4 @@ def load_pretrained(path: str, model: dict) -> None:
     from qwen_merge_mcore.training.model_provider import build_chunks
 
     cfg = toy_config(tp=dist.get_world_size(), model=model)
-    checkpointing.load_weights(path, build_chunks(cfg, BUILDER))
+    checkpointing.load_weights(path, build_chunks(cfg, BUILDER), cfg.model)

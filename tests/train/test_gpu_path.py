@@ -51,7 +51,8 @@ def test_cpu_engine_holds_ddp_invariant_with_text_only_last_microbatch(results):
 
 
 def test_params_are_synced_before_a_save_reads_them(results):
-    assert results["save_order"] == ["sync params", "read weights", "write"]
+    order = results["save_order"]  # the finiteness check and the state dict both read the weights
+    assert [e for i, e in enumerate(order) if i == 0 or e != order[i - 1]] == ["sync params", "read weights", "write"]
 
 
 def test_packed_forwards_rotate_once_per_tensor(results):
