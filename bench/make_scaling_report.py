@@ -80,7 +80,7 @@ def main(argv=None) -> int:
             sections.append(f"**{'FP8 decoder GEMMs (`--fp8`)' if fp8 else 'BF16'}**\n\n"
                             + markdown_table(header, best_rows(preset, fp8, gpu)) + "\n")
     text = TEMPLATE.format(
-        seq=SEQ, batch=BATCH, sample=SAMPLE, pixels=PIXELS, grid=image_grid(PIXELS, plan_model(PRESETS[0]).model.vision),
+        seq=SEQ, batch=BATCH, sample=SAMPLE, sequences=BATCH * SAMPLE // SEQ, pixels=PIXELS, grid=image_grid(PIXELS, plan_model(PRESETS[0]).model.vision),
         tables="\n".join(sections), calibration=calibration_section(),
         cost="\n".join(f"| `{f.name}` | {getattr(cost, f.name)} |" for f in dataclasses.fields(cost)),
         mem_gib=gpu.memory_bytes / GiB, source=REFERENCES[CALIBRATION].source)
@@ -114,8 +114,8 @@ model.vision.intermediate_size=3420`).
 
 ## Workload of the tables
 
-- Packed sequences of {seq} tokens, global batch {batch} samples ({batch} x {sample} / {seq} sequences),
-  micro-batch 1 or 2 rows.
+- Packed sequences of {seq} tokens, global batch {batch} samples ({batch} x {sample} / {seq} =
+  {sequences} sequences), micro-batch 1 (one packed sequence, `train.micro_batch_size`).
 - Samples of {sample} tokens packed back to back (attention per sample), one image each of at
   most {pixels} px (`data.max_pixels`): a square of {grid} patches (t, h, w) = 1296 ViT patches,
   324 LLM image tokens per sample.
