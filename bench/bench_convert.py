@@ -82,6 +82,8 @@ def main() -> int:
 
     from qwen_merge_mcore.checkpoint.hf2mcore import MANIFEST, ConvertOptions, hf_to_mcore
 
+    if args.workdir:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix="bench-convert-", dir=args.workdir))
     try:
         src = root / "hf"
