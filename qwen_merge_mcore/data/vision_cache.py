@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import Optional
 
 import torch
 
-from ..utils.atomic import OutputPathError, atomic_write_text
+from ..utils.atomic import OutputPathError, atomic_write_file, atomic_write_text
 from .vision import CLIP_MEAN, CLIP_STD, VisionSpec
 
 VERSION = 1
@@ -167,14 +166,10 @@ class VisionFeatureCache:
         if self.writer:
             from safetensors.torch import save_file
 
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
             try:
-                save_file(self.pending, str(tmp))
-                os.replace(tmp, path)
-            except OSError as err:
-                tmp.unlink(missing_ok=True)
-                raise VisionCacheError(f"data.vision_cache {self.root}: cannot write {path.name}: "
-                                       f"{err.strerror}") from None
+                atomic_write_file(path, lambda tmp: save_file(self.pending, str(tmp)))
+            except OutputPathError as err:
+                raise VisionCacheError(f"data.vision_cache {self.root}: {err}") from None
         self.index.update(dict.fromkeys(self.pending, path))
         self.pending, self.shards_written = {}, self.shards_written + 1
 

@@ -16,7 +16,7 @@ import shutil
 import socket
 import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 log = logging.getLogger("qwen_merge_mcore")
 
@@ -209,12 +209,18 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """`atomic_write_text` for bytes. The temporary name `.<name>.tmp-<pid>` has another suffix,
-    so a folder reader looking for `.jsonl` never sees a file being written."""
+    """`atomic_write_text` for bytes."""
+    atomic_write_file(path, lambda tmp: tmp.write_bytes(data))
+
+
+def atomic_write_file(path: str | Path, write: Callable[[Path], object]) -> None:
+    """`write(tmp)` creates the file under a temporary name that is renamed to `path` once whole.
+    The name `.<name>.tmp-<pid>` has another suffix, so a folder reader looking for `.jsonl` or
+    `.safetensors` never sees a file being written."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_bytes(data)
+        write(tmp)
         os.replace(tmp, path)
     except OSError as err:
         tmp.unlink(missing_ok=True)
