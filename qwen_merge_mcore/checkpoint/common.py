@@ -24,6 +24,7 @@ from ..config import ExperimentConfig, ModelConfig, ParallelConfig, PrecisionCon
 from ..hf_config import model_config_from_hf
 from .safetensors_io import INDEX, SINGLE, CheckpointError
 from .stored import stored_key
+from .verify import verify_files_collective, verify_sizes
 
 HF_META = "hf_meta"
 EXTRA_STATE = "_extra_state"
@@ -126,30 +127,6 @@ class single_process_group:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def verify_sizes(ckpt_dir: str | Path) -> None:
-    """Every `.distcp` file is as long as the checkpoint's `.metadata` says (the end of its last
-    item); a CheckpointError naming the first short or missing file otherwise. A truncated file
-    (a full disk, a copy cut short) would fail deep inside the load with a bare EOFError."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    ckpt_dir = Path(ckpt_dir)
-    try:
-        metadata = FileSystemReader(str(ckpt_dir)).read_metadata()
-    except FileNotFoundError:
-        raise CheckpointError(f"{ckpt_dir / '.metadata'} is missing: not a complete torch_dist checkpoint") from None
-    except Exception as err:  # a cut-short pickle raises EOFError or UnpicklingError
-        raise CheckpointError(f"{ckpt_dir / '.metadata'} is damaged ({type(err).__name__}: {err})") from None
-    need: dict[str, int] = {}
-    for info in (metadata.storage_data or {}).values():
-        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
-    for name, size in sorted(need.items()):
-        path = ckpt_dir / name
-        have = path.stat().st_size if path.is_file() else None
-        if have is None or have < size:
-            state = "missing" if have is None else f"truncated: {have:,} of {size:,} bytes"
-            raise CheckpointError(f"{path}: {state} (per {ckpt_dir / '.metadata'})")
-
-
 def load_sharded(template: dict, ckpt_dir: str | Path) -> dict:
     """`dist_checkpointing.load(template, ckpt_dir)` (collective) for checkpoints of any layout
     and age. Returns the loaded state dict; TE `_extra_state` entries the checkpoint lacks are
@@ -185,8 +162,6 @@ def load_sharded(template: dict, ckpt_dir: str | Path) -> dict:
 def load_model(chunks: list, ckpt_dir: str | Path) -> None:
     """Load this rank's model chunks from a torch_dist checkpoint at any layout (collective),
     after checking its files against `convert_manifest.json` (when it has one)."""
-    from .verify import verify_files_collective
-
     verify_files_collective(ckpt_dir)
     template = model_state(chunks)
     loaded = load_sharded(template, ckpt_dir)

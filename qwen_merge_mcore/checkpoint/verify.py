@@ -4,6 +4,8 @@
   with its size and CRC32 (the `.distcp` shards' computed while they were written).
   `verify_files` recomputes them: a flipped byte is one line naming the file, not garbage weights
   or an unpickling traceback. Checkpoints without a manifest (a training run's) promise nothing.
+- Sizes: `verify_sizes` compares each `.distcp` file's length with what `.metadata` says it holds
+  (every torch_dist checkpoint, training's included), so a truncated file is named, not an EOFError.
 - Config: `check_config` compares the sizes `hf_meta/config.json` sets (hidden size, layers,
   heads, ...) with the shapes of the checkpoint's tensors, so an edited config is refused, naming
   the field, instead of being exported beside weights it does not describe.
@@ -98,6 +100,30 @@ def verify_files_collective(ckpt_dir: str | Path) -> None:
     problems = [p for rank_problems in gathered for p in rank_problems]
     if problems:
         raise CheckpointError("; ".join(problems))
+
+
+def verify_sizes(ckpt_dir: str | Path) -> None:
+    """Every `.distcp` file is as long as the checkpoint's `.metadata` says (the end of its last
+    item); a CheckpointError naming the first short or missing file otherwise. A truncated file
+    (a full disk, a copy cut short) would fail deep inside the load with a bare EOFError."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    ckpt_dir = Path(ckpt_dir)
+    try:
+        metadata = FileSystemReader(str(ckpt_dir)).read_metadata()
+    except FileNotFoundError:
+        raise CheckpointError(f"{ckpt_dir / '.metadata'} is missing: not a complete torch_dist checkpoint") from None
+    except Exception as err:  # a cut-short pickle raises EOFError or UnpicklingError
+        raise CheckpointError(f"{ckpt_dir / '.metadata'} is damaged ({type(err).__name__}: {err})") from None
+    need: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(need.items()):
+        path = ckpt_dir / name
+        have = path.stat().st_size if path.is_file() else None
+        if have is None or have < size:
+            state = "missing" if have is None else f"truncated: {have:,} of {size:,} bytes"
+            raise CheckpointError(f"{path}: {state} (per {ckpt_dir / '.metadata'})")
 
 
 # ---------------------------------------------------------------------------------------------

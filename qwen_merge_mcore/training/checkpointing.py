@@ -37,12 +37,13 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from ..checkpoint.common import (HF_META, copy_hf_meta, is_hf_folder, load_model, load_model_chunk, load_sharded,
-                                 model_state, verify_sizes)
+                                 model_state)
 from ..checkpoint.cpu_compat import save_dist_checkpoint
 from ..checkpoint.hf_export import export_hf
 from ..checkpoint.hf_source import load_hf_folder
 from ..checkpoint.run_folder import LATEST, iter_dir, latest_iteration, resolve_checkpoint_dir, saved_iterations
 from ..checkpoint.safetensors_io import CheckpointError
+from ..checkpoint.verify import verify_sizes
 from ..config import ConfigError, ModelConfig
 from ..config.schema import PARTS
 from ..dtypes import torch_dtype
