@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import json
 import os
 from collections import Counter
@@ -121,7 +122,7 @@ def save_image(item, out: Path) -> str:
 
     data = item if isinstance(item, bytes) else Path(item).read_bytes()
     try:
-        with Image.open(__import__("io").BytesIO(data)) as img:
+        with Image.open(io.BytesIO(data)) as img:
             ext = (img.format or "png").lower().replace("jpeg", "jpg")
     except UnidentifiedImageError:
         raise ValueError(f"image {item if isinstance(item, str) else '(bytes)'} is not a readable image") from None
