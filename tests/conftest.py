@@ -17,6 +17,13 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# The commands the tests run in this process draw progress bars; tqdm's monitor thread, started by
+# the first bar and never stopped, would make every later `run_distributed` spawn its ranks
+# instead of forking them (`distributed.start_method` refuses to fork beside another thread).
+import tqdm  # noqa: E402
+
+tqdm.tqdm.monitor_interval = 0
+
 NO_CUDA = "needs a CUDA GPU (none on this machine)"
 NO_TE = "needs Transformer Engine (install the `gpu` extra)"
 

@@ -59,6 +59,27 @@ def test_errors_carry_the_rank_traceback(distributed):
         distributed(_fail, world_size=2)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="ranks are spawned on CUDA machines")
+def test_ranks_are_forked_where_safe_and_spawned_otherwise(distributed):
+    """Forked ranks skip re-importing torch and Megatron (the converters' start-up); a thread
+    running here, or the NCCL backend, makes the harness spawn them instead."""
+    import threading
+
+    from qwen_merge_mcore.distributed import start_method
+
+    assert threading.active_count() == 1, [t.name for t in threading.enumerate()]
+    assert start_method("gloo") == "fork" and start_method("nccl") == "spawn"
+    stop = threading.Event()
+    worker = threading.Thread(target=stop.wait)
+    worker.start()
+    try:
+        assert start_method("gloo") == "spawn"
+    finally:
+        stop.set()
+        worker.join()
+    assert distributed(_report_state, world_size=2, tp=2)[1]["tp_sum"] == 1.0  # forked ranks still work
+
+
 @pytest.mark.gpu
 def test_gpu_marker_runs_only_with_cuda():
     assert torch.cuda.is_available()
