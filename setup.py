@@ -26,6 +26,7 @@ setup(
         "pillow>=10",
         "av>=12",  # video probing, and decoding of codecs DALI's CPU decoder lacks (H.264, HEVC)
         "numpy>=1.26",
+        "zlib-ng>=0.4",  # zlib's CRC32, several times faster: the checkpoint manifests' checksums
     ],
     extras_require={
         # Apex is optional and not on PyPI: build it from source where it builds (see README).

@@ -34,6 +34,7 @@ GPU_PATH_IMPORTS = {
     "torch": "torch", "megatron.core": "megatron-core", "transformers": "transformers", "tokenizers": "tokenizers",
     "safetensors": "safetensors", "yaml": "pyyaml", "tqdm": "tqdm", "psutil": "psutil", "PIL": "pillow",
     "jinja2": "jinja2", "numpy": "numpy", "pytest": "pytest", "pytest_timeout": "pytest-timeout",
+    "zlib_ng": "zlib-ng",
 }
 REFRESH = "run `bash scripts/gpu-wheels.sh` where PyPI is reachable, then carry the folder"
 

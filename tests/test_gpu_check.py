@@ -19,6 +19,7 @@ from tests.conftest import NO_CUDA, NO_TE, marker_skip_reason
 REPO = Path(__file__).resolve().parents[1]
 MEGATRON = "megatron_core-0.16.1-cp312-cp312-manylinux_2_24_x86_64.manylinux_2_28_x86_64.whl"
 TIMEOUT = "pytest_timeout-2.4.0-py3-none-any.whl"
+ZLIB_NG = "zlib_ng-1.1.0-cp312-cp312-manylinux2014_x86_64.manylinux_2_17_x86_64.manylinux_2_28_x86_64.whl"
 
 
 def _as_on_the_gpu_machine() -> dict:
@@ -82,6 +83,7 @@ def test_wheelset_writes_and_verifies_a_manifest(tmp_path, capsys):
     ws = _wheelset()
     _wheel(tmp_path, MEGATRON, "torch>=2.6.0")
     _wheel(tmp_path, TIMEOUT, "pytest>=7.0.0")
+    _wheel(tmp_path, ZLIB_NG)
     ws.write(tmp_path)
     listing = capsys.readouterr().out
     assert MEGATRON in listing and "torch>=2.6.0" in listing and "sphinx" not in listing
@@ -98,11 +100,13 @@ def test_wheelset_writes_and_verifies_a_manifest(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("names, error", [
-    ([TIMEOUT], "no wheel for megatron-core"),
-    ([MEGATRON, TIMEOUT, "megatron_core-0.15.0-cp312-cp312-manylinux_2_28_x86_64.whl"], "2 wheels of megatron-core"),
-    (["megatron_core-0.16.1-cp311-cp311-manylinux_2_28_x86_64.whl", TIMEOUT], "not CPython 3.12"),
-    (["megatron_core-0.16.1-cp312-cp312-manylinux_2_28_aarch64.whl", TIMEOUT], "not x86-64"),
-    ([MEGATRON, TIMEOUT, "nvtx-0.2.17-cp312-cp312-manylinux_2_28_x86_64.whl"], "does not name: nvtx"),
+    ([TIMEOUT, ZLIB_NG], "no wheel for megatron-core"),
+    ([MEGATRON, TIMEOUT], "no wheel for zlib-ng"),
+    ([MEGATRON, TIMEOUT, ZLIB_NG, "megatron_core-0.15.0-cp312-cp312-manylinux_2_28_x86_64.whl"],
+     "2 wheels of megatron-core"),
+    (["megatron_core-0.16.1-cp311-cp311-manylinux_2_28_x86_64.whl", TIMEOUT, ZLIB_NG], "not CPython 3.12"),
+    (["megatron_core-0.16.1-cp312-cp312-manylinux_2_28_aarch64.whl", TIMEOUT, ZLIB_NG], "not x86-64"),
+    ([MEGATRON, TIMEOUT, ZLIB_NG, "nvtx-0.2.17-cp312-cp312-manylinux_2_28_x86_64.whl"], "does not name: nvtx"),
 ])
 def test_wheelset_refuses_a_wrong_set(tmp_path, names, error):
     ws = _wheelset()

@@ -16,8 +16,8 @@ shard), so a rank's peak memory would be its whole shard; here it is one or two 
 
 from __future__ import annotations
 
+import contextlib
 import os
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
@@ -32,6 +32,8 @@ from megatron.core.dist_checkpointing.strategies.torch import (MCoreSavePlanner,
 from torch.distributed import checkpoint as dcp
 from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX, FileSystemWriter, _item_size, _write_item
 from torch.distributed.checkpoint.planner import WriteItemType
+
+from .verify import crc32
 
 Materialize = Callable[[ShardedTensor], torch.Tensor]
 
@@ -79,7 +81,7 @@ class _Checksummed:
 
     def write(self, data) -> int:
         n = self.raw.write(data)
-        self.crc = zlib.crc32(memoryview(data).cast("B")[:n], self.crc)
+        self.crc = crc32(memoryview(data).cast("B")[:n], self.crc)
         self.size += n
         return n
 
@@ -88,6 +90,19 @@ class _Checksummed:
 
     def flush(self) -> None:
         self.raw.flush()
+
+
+@contextlib.contextmanager
+def _no_record_crc32():
+    """torch.save without the zip records' own CRC32 (torch.load does not check it): the writer
+    checksums the whole file for the manifest, which the loaders verify, so a second CRC of every
+    byte was a fifth of a conversion's CPU time."""
+    before = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
+    try:
+        yield
+    finally:
+        torch.serialization.set_crc32_options(before)
 
 
 class _StreamingWriter(FileSystemWriter):
@@ -105,7 +120,7 @@ class _StreamingWriter(FileSystemWriter):
         items = plan.items
         sizes = [_item_size(i) if i.type != WriteItemType.BYTE_IO else 0 for i in items]
         results = []
-        with ThreadPoolExecutor(1) as pool, \
+        with ThreadPoolExecutor(1) as pool, _no_record_crc32(), \
                 self.fs.create_stream(self.fs.concat_path(self.path, name), "wb") as raw:
             stream = _Checksummed(raw)
             ahead = {}
