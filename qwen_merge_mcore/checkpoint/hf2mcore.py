@@ -14,6 +14,7 @@ loaders verify). It is built in a temp dir and renamed at the end.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -22,10 +23,21 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.dist_checkpointing.mapping import is_main_replica
+from tqdm import tqdm
+
+from .. import distributed
 from ..config import ModelConfig, ParallelConfig
 from ..config.schema import validate_layout
 from ..utils.atomic import atomic_output_dir, check_output_not_input
 from .common import HF_META, converter_experiment, copy_hf_meta, model_chunks, model_state, read_model_config
+# Imported here, not in the ranks: forked ranks inherit them (each would import Megatron's and
+# torch's checkpointing again, a second of a small conversion).
+from .dcp_stream import save_streaming
+from .hf_source import HFTensorSource, check_coverage, sharded_tensors
 from .safetensors_io import CheckpointError, SafetensorsFolder, preview
 from .verify import MANIFEST, file_crc32
 # The ranks meet in a collective after writing their shards, so one rank may wait there for the
@@ -71,15 +83,6 @@ def check_layout(cfg: ModelConfig, parallel: ParallelConfig) -> None:
 def convert_rank(hf_dir: str, out_dir: str, cfg: ModelConfig, parallel: ParallelConfig, dtype: str,
                  progress: bool = False, sync_files: bool = True) -> dict:
     """One rank's part of the conversion (inside an initialised process group)."""
-    import torch
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-    from megatron.core.dist_checkpointing.mapping import is_main_replica
-    from tqdm import tqdm
-
-    from .dcp_stream import save_streaming
-    from .hf_source import HFTensorSource, sharded_tensors
-
     folder = SafetensorsFolder(hf_dir)
     with torch.device("meta"):
         state = model_state(model_chunks(converter_experiment(cfg, parallel, dtype)))
@@ -112,8 +115,6 @@ def hf_to_mcore(opts: ConvertOptions) -> Path:
     """Convert, spawning one CPU/GPU process per model-parallel rank, or, under torchrun/srun
     (WORLD_SIZE set), as this process's rank."""
     check_output_not_input(opts.out, [opts.hf])
-    from .hf_source import check_coverage
-
     folder = SafetensorsFolder(opts.hf)
     cfg = converter_model_config(folder)
     parallel = opts.parallel
@@ -124,9 +125,7 @@ def hf_to_mcore(opts: ConvertOptions) -> Path:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return _as_launched_rank(opts, folder, cfg, args)
     with atomic_output_dir(opts.out, overwrite=opts.overwrite) as tmp:
-        from ..distributed import run_distributed
-
-        results = run_distributed(convert_rank, world_size=opts.tp * opts.pp, tp=opts.tp, pp=opts.pp,
+        results = distributed.run_distributed(convert_rank, world_size=opts.tp * opts.pp, tp=opts.tp, pp=opts.pp,
                                   vpp=opts.vpp, args=(str(folder.folder), str(tmp), *args), timeout=24 * 3600,
                                   collective_timeout_minutes=opts.timeout_minutes)
         _finish(tmp, results, folder, cfg, opts)
@@ -134,12 +133,6 @@ def hf_to_mcore(opts: ConvertOptions) -> Path:
 
 
 def _as_launched_rank(opts: ConvertOptions, folder: SafetensorsFolder, cfg: ModelConfig, args: tuple) -> Path:
-    import contextlib
-
-    import torch.distributed as dist
-
-    from .. import distributed
-
     distributed.initialize(opts.parallel, timeout_minutes=opts.timeout_minutes)
     try:
         rank0 = dist.get_rank() == 0

@@ -11,6 +11,7 @@ expects, and reads exactly this rank's slice.
 from __future__ import annotations
 
 import math
+import mmap
 import threading
 from dataclasses import dataclass
 
@@ -56,14 +57,28 @@ class WrittenTensor:
     hf: list[str]
 
 
+def huge_page_buffer(nbytes: int) -> torch.Tensor:
+    """`nbytes` of new memory, backed by 2 MB pages where the kernel allows it (transparent huge
+    pages, also in their common `madvise` mode): the kernel faults a fresh 4 KB-page buffer in page
+    by page, which made reading a 620 MB embedding shard into new memory three times slower than
+    reading it into memory already touched."""
+    region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        region.madvise(mmap.MADV_HUGEPAGE)
+    return torch.frombuffer(region, dtype=torch.uint8)  # the tensor keeps the mapping alive
+
+
 class _ScratchFolder:
-    """`SafetensorsFolder` reads into a ring of reusable buffers instead of fresh allocations:
-    every fresh multi-MB tensor is a new mmap whose pages fault in one by one, which halved read
-    throughput on the test machine.
+    """`SafetensorsFolder` as the streaming writer reads it, copying as little as it can: a slice
+    that is a row range of one HF tensor is mapped, not read (`SafetensorsFolder.mapped`: the
+    writer only passes its bytes on); what must be assembled (a padded vocabulary, a column range)
+    goes into a ring of reusable buffers (`huge_page_buffer`), not fresh allocations: a fresh
+    multi-MB tensor is new memory whose pages the kernel faults in and zeroes one by one, which
+    cost as much as the read itself.
 
     Safe for the writer's pattern (one item written while the next is read) because it serves
-    only items made of one read (`single_read`): the item being written holds at most one slot and
-    the item being read takes the other.
+    only items made of one read or one buffer (`single_read`): the item being written holds at
+    most one slot and the item being read takes the other.
     """
 
     SLOTS = 2
@@ -77,23 +92,25 @@ class _ScratchFolder:
     def spec(self, name: str):
         return self.folder.spec(name)
 
+    def buffer(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        """The next slot, as an uninitialised contiguous tensor of `shape`."""
+        nbytes = math.prod(shape) * dtype.itemsize
+        with self._lock:
+            i, self._next = self._next, (self._next + 1) % self.SLOTS
+            if self._slots[i].numel() < nbytes:
+                self._slots[i] = torch.empty(0, dtype=torch.uint8)  # freed before the bigger one is mapped
+                self._slots[i] = huge_page_buffer(nbytes)
+            return self._slots[i][:nbytes].view(dtype).view(shape)
+
     def get(self, name: str, rows: slice | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         if out is None:
-            spec = self.folder.spec(name)
-            shape = list(spec.shape)
-            if rows is not None:
-                shape[0] = len(range(*rows.indices(shape[0])))
-            nbytes = math.prod(shape) * spec.dtype.itemsize
-            with self._lock:
-                i, self._next = self._next, (self._next + 1) % self.SLOTS
-                if self._slots[i].numel() < nbytes:
-                    self._slots[i] = torch.empty(nbytes, dtype=torch.uint8)
-                out = self._slots[i][:nbytes].view(spec.dtype).view(shape)
+            return self.folder.mapped(name, rows)
         return self.folder.get(name, rows=rows, out=out)
 
 
 def single_read(mapping: ParamMapping) -> bool:
-    """Whether one slice of this mapping comes from a single read (SwiGLU shards lie in gate or up)."""
+    """Whether one slice of this mapping comes from a single read into one buffer (SwiGLU shards
+    lie in gate or up; padded vocabularies are read into their padded buffer)."""
     return len(mapping.hf) == 1 or isinstance(mapping.transform, GatedMLP)
 
 
@@ -133,13 +150,18 @@ class HFTensorSource:
         return problems, used
 
     def read(self, sh_ten: ShardedTensor) -> torch.Tensor:
-        """The slice `sh_ten` describes, in its dtype. From the single-read ring buffer: valid
-        until the next-but-one read."""
+        """The slice `sh_ten` describes, in its dtype. Often a read-only mapping of the file or a
+        slot of the ring (`_ScratchFolder`): copy it, never write into it; valid until the
+        next-but-one read."""
         name, offsets, _ = table_name(sh_ten)
         mapping = self.table[name]
         index = tuple(slice(o, o + s) for o, s in zip(offsets, sh_ten.local_shape))
-        reader = self._reader if single_read(mapping) else self.folder
-        return mapping.transform.megatron_slice(reader, mapping.hf, index).to(sh_ten.dtype).contiguous()
+        if not single_read(mapping):
+            return mapping.transform.megatron_slice(self.folder, mapping.hf, index).to(sh_ten.dtype).contiguous()
+        tensor = mapping.transform.megatron_slice(self._reader, mapping.hf, index).to(sh_ten.dtype)
+        if not tensor.is_contiguous():  # a column range (row-parallel linears) of mapped rows
+            tensor = self._reader.buffer(tensor.shape, tensor.dtype).copy_(tensor)
+        return tensor
 
     def materialize(self, sh_ten: ShardedTensor) -> torch.Tensor:
         """`read`, recorded for the conversion manifest (the streaming writer's callback)."""

@@ -128,9 +128,11 @@ class VocabPadded(Transform):
         spec = folder.spec(name)
         self._check(spec.shape[0])
         start, stop, _ = index[0].indices(self.padded_size)
+        if stop <= self.vocab_size:  # no padding rows in this shard: a plain row range
+            return folder.get(name, rows=slice(start, stop))[(slice(None), *index[1:])]
         # Only the padding rows are zeroed: zero-filling the whole buffer first (a 1.2 GB
         # embedding) took as long as reading it.
-        out = torch.empty((stop - start, *spec.shape[1:]), dtype=spec.dtype)
+        out = folder.buffer((stop - start, *spec.shape[1:]), spec.dtype)
         real = max(0, min(stop, self.vocab_size) - start)
         out[real:].zero_()
         if real:  # read straight into the padded buffer: one copy of the rows in memory

@@ -2,9 +2,10 @@
 
 `SafetensorsFolder` opens a folder (one file, or shards listed by an index), checks every shard's
 header before any tensor is read (missing shards, truncated files, names the index promises but a
-shard lacks) and reads one tensor, or a row range of one, with a positioned file read. It does not
-mmap: mapped pages stay resident (and count in the process's RSS) for as long as a file is open,
-which would make a converter's memory grow with the checkpoint instead of the tensor.
+shard lacks) and reads one tensor, or a row range of one, with a positioned file read, or maps
+exactly one tensor's bytes read-only (`mapped`, for a converter's writer). It never maps whole
+files: mapped pages stay resident (and count in the process's RSS) for as long as the mapping
+lives, which would make a converter's memory grow with the checkpoint instead of the tensor.
 
 `ShardedSafetensorsWriter` is given the full list of output tensors (name, shape, dtype) up
 front. That fixes every shard's header before any data exists, so each tensor goes straight to
@@ -17,8 +18,10 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -130,9 +133,12 @@ class SafetensorsFolder:
     def total_bytes(self) -> int:
         return sum(self._specs[n].nbytes for n in self.weight_map)
 
-    def get(self, name: str, rows: slice | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Tensor `name`, or only the rows `rows` of its first dimension (one contiguous read);
-        into `out` (a contiguous tensor of that shape and dtype) when given."""
+    def buffer(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        """New memory for a tensor that a transform assembles (readers that reuse memory override it)."""
+        return torch.empty(shape, dtype=dtype)
+
+    def _locate(self, name: str, rows: slice | None) -> tuple[Path, int, int, list[int]]:
+        """(file, first byte, end byte, shape) of tensor `name`, or of its rows `rows`."""
         spec = self.spec(name)
         fname, begin, end = self._where[name]
         shape = list(spec.shape)
@@ -143,13 +149,19 @@ class SafetensorsFolder:
             row_bytes = (end - begin) // shape[0]
             begin, end = begin + start * row_bytes, begin + stop * row_bytes
             shape[0] = stop - start
+        return self.folder / fname, begin, end, shape
+
+    def get(self, name: str, rows: slice | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Tensor `name`, or only the rows `rows` of its first dimension (one contiguous read);
+        into `out` (a contiguous tensor of that shape and dtype) when given."""
+        dtype = self.spec(name).dtype
+        path, begin, end, shape = self._locate(name, rows)
         if out is not None:
-            if tuple(out.shape) != tuple(shape) or out.dtype != spec.dtype or not out.is_contiguous():
-                raise ValueError(f"{name}: out must be contiguous {tuple(shape)} {spec.dtype}")
+            if tuple(out.shape) != tuple(shape) or out.dtype != dtype or not out.is_contiguous():
+                raise ValueError(f"{name}: out must be contiguous {tuple(shape)} {dtype}")
             buf = out.view(-1).view(torch.uint8).numpy() if out.numel() else bytearray()
         else:
             buf = bytearray(end - begin)
-        path = self.folder / fname
         fd = os.open(path, os.O_RDONLY)
         try:
             view, got = memoryview(buf), 0
@@ -163,8 +175,28 @@ class SafetensorsFolder:
         if out is not None:
             return out
         if not buf:
-            return torch.empty(shape, dtype=spec.dtype)
-        return torch.frombuffer(buf, dtype=spec.dtype).reshape(shape)
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+
+    def mapped(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        """Tensor `name` (or its rows `rows`) as a READ-ONLY view of the file's pages, mapped for
+        as long as the tensor lives: no copy at all, for a reader that only passes the bytes on
+        (a writer). Writing into it kills the process (SIGSEGV), so `get` serves everyone else."""
+        dtype = self.spec(name).dtype
+        path, begin, end, shape = self._locate(name, rows)
+        if end == begin:
+            return torch.empty(shape, dtype=dtype)
+        if path.stat().st_size < end:
+            raise CheckpointError(f"cannot read {name!r} from {path}: file ends early (truncated?)")
+        skip = begin % mmap.ALLOCATIONGRANULARITY
+        with open(path, "rb") as f:  # the mapping outlives the descriptor
+            # MAP_POPULATE maps the (usually cached) pages at once instead of faulting them in one by one.
+            region = mmap.mmap(f.fileno(), end - begin + skip, offset=begin - skip, prot=mmap.PROT_READ,
+                               flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+        with warnings.catch_warnings():  # "the buffer is not writable": the docstring's contract
+            warnings.simplefilter("ignore", UserWarning)
+            flat = torch.frombuffer(region, dtype=torch.uint8, offset=skip)
+        return flat.view(dtype).view(shape)
 
     def config(self) -> dict:
         path = self.folder / "config.json"

@@ -1,6 +1,8 @@
 """The HF <-> Megatron mapping table: complete coverage of the fixtures, lossless layouts, and
 slices that read only what they return."""
 
+import os
+
 import pytest
 import torch
 
@@ -27,6 +29,9 @@ class _Tensors:
 
     def spec(self, name):
         return self.tensors[name]
+
+    def buffer(self, shape, dtype):
+        return torch.empty(shape, dtype=dtype)
 
     def get(self, name, rows=None, out=None):
         t = self.tensors[name] if rows is None else self.tensors[name][rows]
@@ -140,3 +145,38 @@ def test_folder_errors(tiny, tmp_path):
     (trunc / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="model.safetensors"):
         SafetensorsFolder(trunc).get("model.norm.weight")
+
+
+def test_mapped_reads_equal_positioned_reads(tiny):
+    """`mapped` (the converter's zero-copy read) gives the bytes `get` reads, for whole tensors and
+    row ranges at offsets that are not page-aligned, and the view outlives the folder object."""
+    import gc
+
+    folder = SafetensorsFolder(tiny["qwen3"])
+    names = folder.names()
+    for name in names:
+        rows = folder.spec(name).shape[0]
+        for part in (None, slice(1, max(1, rows - 1)), slice(rows - 1, rows)):
+            assert torch.equal(folder.mapped(name, part), folder.get(name, rows=part)), (name, part)
+    name = max(names, key=lambda n: folder.spec(n).nbytes)
+    view, expected = folder.mapped(name, slice(3, 7)), folder.get(name, rows=slice(3, 7))
+    del folder
+    gc.collect()
+    assert torch.equal(view.clone(), expected)
+
+
+def test_mapped_refuses_a_file_that_ends_early(tiny, tmp_path):
+    import shutil
+
+    trunc = tmp_path / "q3"
+    shutil.copytree(tiny["qwen3"], trunc)
+    folder = SafetensorsFolder(trunc)  # headers checked while the file was whole
+    path = trunc / "model.safetensors"
+    os.truncate(path, path.stat().st_size - 16)
+    failed = []
+    for name in folder.names():
+        try:
+            folder.mapped(name)
+        except CheckpointError as err:
+            failed.append(str(err))
+    assert failed and all("ends early" in f for f in failed), failed
