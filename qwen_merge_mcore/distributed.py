@@ -131,16 +131,36 @@ def _worker(rank: int, world_size: int, port: int, parallel: ParallelConfig, col
         pass
 
 
+def _gloo_threads_alive() -> bool:
+    """Whether this process holds gloo's native threads: process groups alive, even destroyed ones
+    whose objects something still references (Megatron's parallel state, a loader's one-process
+    group). True where /proc cannot tell."""
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return True
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/comm") as f:
+                if "gloo" in f.read():
+                    return True
+        except OSError:
+            continue
+    return False
+
+
 def start_method(backend: str) -> str:
     """"fork" where a forked rank inherits nothing it cannot use, else "spawn".
 
     Not on CUDA machines (a forked child cannot use CUDA once its parent has touched the driver,
     and asking whether there is a GPU touches it; NCCL ranks take a GPU each anyway), not with
-    other threads running (a lock one of them holds would stay held in the child forever) and not
-    with a process group already open here (the child would share its sockets)."""
+    other Python threads running (a lock one of them holds would stay held in the child forever)
+    and not with any process group alive here (`_gloo_threads_alive`): the child would share its
+    sockets, and freeing it there runs its destructor, which joins threads the child does not
+    have and never returns (seen: a rank hung in `initialize_model_parallel`)."""
     import threading
 
-    if (backend != "gloo" or threading.active_count() > 1 or dist.is_initialized()
+    if (backend != "gloo" or threading.active_count() > 1 or dist.is_initialized() or _gloo_threads_alive()
             or "fork" not in mp.get_all_start_methods() or torch.cuda.is_available()):
         return "spawn"
     # What every rank imports in `initialize`, imported once here for all of them to inherit.

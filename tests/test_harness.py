@@ -1,5 +1,9 @@
 """The CPU multi-process harness sets up gloo and Megatron-Core's parallel state."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -62,7 +66,7 @@ def test_errors_carry_the_rank_traceback(distributed):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="ranks are spawned on CUDA machines")
 def test_ranks_are_forked_where_safe_and_spawned_otherwise(distributed):
     """Forked ranks skip re-importing torch and Megatron (the converters' start-up); a thread
-    running here, or the NCCL backend, makes the harness spawn them instead."""
+    running here, process groups left here, or the NCCL backend make the harness spawn them."""
     import threading
 
     from qwen_merge_mcore.distributed import start_method
@@ -78,6 +82,22 @@ def test_ranks_are_forked_where_safe_and_spawned_otherwise(distributed):
         stop.set()
         worker.join()
     assert distributed(_report_state, world_size=2, tp=2)[1]["tp_sum"] == 1.0  # forked ranks still work
+    # Groups that in-process work created, even destroyed (a loader's one-process group under
+    # Megatron's parallel state), leave gloo threads behind: a forked rank freeing such a group ran
+    # its destructor, which waited forever for threads the fork does not copy. (In a child
+    # process: this one's later tests should still fork.)
+    script = ("from megatron.core import parallel_state\n"
+              "from qwen_merge_mcore.checkpoint.common import single_process_group\n"
+              "from qwen_merge_mcore.distributed import run_distributed, start_method\n"
+              "from tests.test_harness import _report_state\n"
+              "with single_process_group():\n"
+              "    parallel_state.initialize_model_parallel()\n"
+              "parallel_state.destroy_model_parallel()\n"
+              "print(start_method('gloo'), run_distributed(_report_state, world_size=2, tp=2)[1]['tp_sum'])\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-2:] == ["spawn", "1.0"], done.stdout
 
 
 @pytest.mark.gpu
